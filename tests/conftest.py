@@ -1,0 +1,123 @@
+"""Shared fixtures: a real S3 server on loopback (moto_server) and a real local Ray.
+
+Nothing here mocks S3 or Ray: the S3 fixture starts the ``moto_server`` executable on a free
+loopback port and points the standard AWS environment variables at it; the Ray fixture starts a
+real local Ray with a fixed CPU count.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Dummy credentials for the loopback server; set before anything imports boto/pyarrow S3.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-key-id")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret-value")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# Tests must not try to reach the internet for weights.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"moto_server did not listen on port {port} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """URL of a real S3 API server (moto) on a free loopback port, for the whole session."""
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(port)
+        url = f"http://127.0.0.1:{port}"
+        old = os.environ.get("AWS_ENDPOINT_URL")
+        os.environ["AWS_ENDPOINT_URL"] = url
+        yield url
+        if old is None:
+            os.environ.pop("AWS_ENDPOINT_URL", None)
+        else:
+            os.environ["AWS_ENDPOINT_URL"] = old
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh, empty bucket on the loopback server; yields ``s3://<bucket>``."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """A real local Ray (2 CPUs, no dashboard) shared by the tests of one session.
+
+    Started after the S3 server so its workers inherit the endpoint and test credentials.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": _ray_env()},
+        )
+    yield ray
+    ray.shutdown()
+
+
+def _ray_env() -> dict[str, str]:
+    keys = (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL",
+        "HF_HUB_OFFLINE",
+    )
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def shared_data(name: str) -> Path:
+    """Path of a real dataset under ../shared/data, or skip the test with a message."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real data {path} is absent (development-only dataset); skipping")
+    return path
