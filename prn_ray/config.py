@@ -68,6 +68,7 @@ class SynthesisConfig:
     texture_uri: str | None = None  # folder/URI of texture images (e.g. DTD); else built-in
     foreground: bool = False  # restrict extended anomalies to an estimated object foreground
     min_anomaly_pixels: int = 16  # re-draw Perlin masks smaller than this
+    extended_color_prob: float = 0.5  # extended anomalies: p of 3 colour ops on the defect (CPR)
 
 
 @dataclass
