@@ -49,7 +49,11 @@ def _wait_port(port: int, timeout: float = 30.0) -> None:
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """URL of a real S3 API server (moto) on a free loopback port, for the whole session."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # The interpreter's own moto first: a `moto_server` earlier on PATH may be another install.
+    local = Path(sys.executable).parent / "moto_server"
+    exe = str(local) if local.exists() else shutil.which("moto_server")
+    if exe is None:
+        pytest.fail("moto_server not found: install the dev extra (pip install -e '.[dev]')")
     port = free_port()
     proc = subprocess.Popen(
         [exe, "-H", "127.0.0.1", "-p", str(port)],

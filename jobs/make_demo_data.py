@@ -1,0 +1,59 @@
+"""Write the procedural demo dataset (MVTec layout) to a local path or s3:// URI.
+
+    python jobs/make_demo_data.py --out demo_data --size 128
+    python jobs/make_demo_data.py --out s3://bucket/demo --products fabric,bottle_cap --n-train 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+try:
+    import prn_ray  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prn_ray import demo_data, storage
+from prn_ray.config import StorageConfig
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True, help="dataset root URI (local path or s3://...)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--products", type=_names, default=list(demo_data.PRODUCTS),
+                   help=f"comma-separated (default {','.join(demo_data.PRODUCTS)})")
+    p.add_argument("--defects", type=_names, default=list(demo_data.DEFECTS),
+                   help=f"comma-separated (default {','.join(demo_data.DEFECTS)})")
+    p.add_argument("--n-train", type=int, default=40, help="normal training images per product")
+    p.add_argument("--n-good-test", type=int, default=10, help="normal test images per product")
+    p.add_argument("--n-defect-test", type=int, default=12,
+                   help="defective test images per product (cycling through the defects)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS env)")
+    args = p.parse_args(argv)
+    summary = demo_data.make_dataset(
+        args.out,
+        StorageConfig(endpoint_url=args.endpoint_url),
+        products=args.products,
+        n_train=args.n_train,
+        n_good_test=args.n_good_test,
+        n_defect_test=args.n_defect_test,
+        image_size=args.size,
+        seed=args.seed,
+        defects=args.defects,
+    )
+    summary["root"] = storage.redact(summary["root"])
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

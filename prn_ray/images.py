@@ -1,0 +1,527 @@
+"""Decode, validate and resize images and masks (used inside Ray Data tasks).
+
+Every failure becomes an :class:`ImageError` with a short machine-readable ``reason``; the batch
+UDF :func:`decode_batch` turns it into an ``error`` string on the row (``"<reason>: <message>"``)
+and keeps the row, so one bad file never crashes or silently shrinks a job.
+
+Decoding policy (``decode_image``), all outputs H x W x 3 uint8 **RGB**:
+
+- The header size is read first (PNG IHDR, JPEG SOFn, BMP, GIF; other formats through a lazy
+  Pillow ``open``), and checked against ``max_pixels`` (decompression bombs) and ``min_side``
+  before any pixel is decoded.
+- OpenCV ``imdecode(IMREAD_UNCHANGED)``; greyscale -> 3 channels; RGBA/LA -> alpha dropped
+  (colour kept as stored, like Pillow's ``convert("RGB")``; no compositing); 16-bit -> 8-bit by
+  ``/ 257`` (65535 -> 255, rounded); palette PNGs are expanded by the decoder; CMYK/YCCK JPEGs are
+  converted to colour by the decoder (checked against Pillow in the tests); BGR -> RGB.
+- EXIF orientation is ignored (pixels as stored), so masks stay aligned with their images.
+- Truncation: a PNG without its ``IEND`` chunk, or a JPEG whose last EOI marker does not follow
+  its last SOS marker, is rejected as ``truncated`` even when the decoder returned (partial)
+  pixels. Bytes that no decoder recognises are ``not_an_image``; a complete file in a recognised
+  format that still fails to decode is ``corrupt``.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import cv2
+import numpy as np
+
+from prn_ray import storage
+from prn_ray.config import DataConfig, StorageConfig
+
+REASONS = (
+    "empty_file",
+    "not_an_image",
+    "truncated",
+    "corrupt",
+    "too_large",
+    "too_small",
+    "unreadable",
+    "mask_missing",
+    "mask_unreadable",
+    "mask_size_mismatch",
+)
+
+
+class ImageError(Exception):
+    """A decode/validation failure: ``reason`` (one of :data:`REASONS`) and a human message."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+    def __reduce__(self):  # picklable across Ray workers
+        return (type(self), (self.reason, self.message))
+
+
+# ----------------------------------------------------------------------------- headers
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIG = b"\xff\xd8\xff"
+# SOF markers carry the frame size; C4 (DHT), C8 (JPG), CC (DAC) are not frames.
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def sniff_format(data: bytes) -> str | None:
+    """``png``/``jpeg``/``bmp``/``gif``/``tiff``/``webp``/... from the magic bytes, else None."""
+    if data.startswith(_PNG_SIG):
+        return "png"
+    if data.startswith(_JPEG_SIG):
+        return "jpeg"
+    if data.startswith(b"BM") and len(data) >= 6:
+        return "bmp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:2] in (b"P1", b"P2", b"P3", b"P4", b"P5", b"P6"):
+        return "pnm"
+    if data[:4] == b"\x00\x00\x00\x0cjP  " or data[:4] == b"\xff\x4f\xff\x51":
+        return "jpeg2000"
+    return None
+
+
+def image_size_from_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the file header without decoding pixels, or None when unknown.
+
+    Raises :class:`ImageError` ``truncated`` when a PNG/JPEG ends before its size is stated.
+    """
+    fmt = sniff_format(data)
+    if fmt == "png":
+        if len(data) < 24:
+            raise ImageError("truncated", "PNG ends inside its header")
+        if data[12:16] != b"IHDR":
+            raise ImageError("corrupt", "PNG does not start with an IHDR chunk")
+        w, h = struct.unpack(">II", data[16:24])
+        return int(w), int(h)
+    if fmt == "jpeg":
+        return _jpeg_size(data)
+    if fmt == "bmp":
+        if len(data) < 26:
+            raise ImageError("truncated", "BMP ends inside its header")
+        header_size = struct.unpack("<I", data[14:18])[0]
+        if header_size == 12:
+            w, h = struct.unpack("<HH", data[18:22])
+        else:
+            w, h = struct.unpack("<ii", data[18:26])
+        return abs(int(w)), abs(int(h))
+    if fmt == "gif":
+        if len(data) < 10:
+            raise ImageError("truncated", "GIF ends inside its header")
+        w, h = struct.unpack("<HH", data[6:10])
+        return int(w), int(h)
+    return _pil_size(data)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    i, n = 2, len(data)
+    while i < n:
+        # Skip fill bytes up to the next marker.
+        if data[i] != 0xFF:
+            raise ImageError("corrupt", f"JPEG marker expected at byte {i}")
+        while i < n and data[i] == 0xFF:
+            i += 1
+        if i >= n:
+            break
+        marker = data[i]
+        i += 1
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length
+            continue
+        if marker == 0xD9 or marker == 0xDA:  # EOI / start of scan before any frame header
+            raise ImageError("corrupt", "JPEG has no frame header before its scan data")
+        if i + 2 > n:
+            break
+        seg_len = struct.unpack(">H", data[i : i + 2])[0]
+        if marker in _JPEG_SOF:
+            if i + 7 > n:
+                break
+            h, w = struct.unpack(">HH", data[i + 3 : i + 7])
+            return int(w), int(h)
+        i += seg_len
+    raise ImageError("truncated", "JPEG ends before its frame header")
+
+
+def _pil_size(data: bytes) -> tuple[int, int] | None:
+    """Lazy Pillow open (reads the header only) for the formats parsed nowhere else."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                return tuple(int(v) for v in im.size)  # type: ignore[return-value]
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_large", f"header states a decompression bomb ({exc})") from None
+    except Exception:
+        return None
+
+
+def _png_complete(data: bytes) -> bool:
+    """Walk the PNG chunks: True when an IEND chunk is reached inside the data."""
+    i, n = 8, len(data)
+    while i + 8 <= n:
+        length = struct.unpack(">I", data[i : i + 4])[0]
+        ctype = data[i + 4 : i + 8]
+        end = i + 12 + length
+        if end > n:
+            return False
+        if ctype == b"IEND":
+            return True
+        i = end
+    return False
+
+
+def _jpeg_first_scan(data: bytes) -> int:
+    """Offset of the first top-level SOS marker (segments skipped by length, so markers inside
+    an EXIF thumbnail do not count), or -1 when the data ends before it."""
+    i, n = 2, len(data)
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            return -1
+        while i < n and data[i] == 0xFF:
+            i += 1
+        if i >= n:
+            return -1
+        marker = data[i]
+        if marker == 0xDA:
+            return i - 1
+        i += 1
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            continue
+        if marker == 0xD9 or i + 2 > n:
+            return -1
+        i += struct.unpack(">H", data[i : i + 2])[0]
+    return -1
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """True when an EOI marker follows the first scan (entropy data stuffs 0xFF as 0xFF00, so
+    0xFFD9 there is the real EOI; bytes after EOI are tolerated)."""
+    sos = _jpeg_first_scan(data)
+    return sos >= 0 and data.rfind(b"\xff\xd9") > sos
+
+
+def is_truncated(data: bytes) -> bool:
+    fmt = sniff_format(data)
+    if fmt == "png":
+        return not _png_complete(data)
+    if fmt == "jpeg":
+        return not _jpeg_complete(data)
+    return False
+
+
+def _check_size(w: int, h: int, max_pixels: int, min_side: int, what: str = "image") -> None:
+    if w <= 0 or h <= 0:
+        raise ImageError("corrupt", f"{what} header states a size of {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageError(
+            "too_large", f"{what} is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}"
+        )
+    if min(w, h) < min_side:
+        raise ImageError("too_small", f"{what} is {w}x{h}, below the minimum side of {min_side}")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _imdecode(data: bytes) -> np.ndarray | None:
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None
+
+
+def _decode_raw(data: bytes, max_pixels: int, min_side: int, what: str) -> np.ndarray:
+    """Checks shared by images and masks; returns the decoder's array (any depth/channels)."""
+    if data is None or len(data) == 0:
+        raise ImageError("empty_file", f"{what} file is empty (0 bytes)")
+    fmt = sniff_format(data)
+    size = image_size_from_header(data)
+    if size is not None:
+        _check_size(size[0], size[1], max_pixels, min_side, what)
+    if is_truncated(data):
+        raise ImageError("truncated", f"{fmt} {what} is truncated ({len(data)} bytes)")
+    arr = _imdecode(data)
+    if arr is None or arr.size == 0:
+        if fmt is None and size is None:
+            raise ImageError("not_an_image", f"{what} bytes are not a recognised image format")
+        raise ImageError("corrupt", f"{fmt or 'image'} {what} could not be decoded")
+    h, w = arr.shape[:2]
+    _check_size(w, h, max_pixels, min_side, what)
+    return arr
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:
+        return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if arr.dtype == np.int8:
+        return (arr.astype(np.int16) + 128).astype(np.uint8)
+    if arr.dtype == np.int16:
+        return ((arr.astype(np.int32) + 32768 + 128) // 257).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):  # 32-bit float TIFF/EXR: assume 0..1
+        return np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    raise ImageError("corrupt", f"unsupported sample type {arr.dtype}")
+
+
+def decode_image(
+    data: bytes, max_pixels: int = 100_000_000, min_side: int = 8
+) -> np.ndarray:
+    """Bytes -> H x W x 3 uint8 RGB, or :class:`ImageError` (see the module doc for policy)."""
+    arr = _to_uint8(_decode_raw(data, max_pixels, min_side, "image"))
+    if arr.ndim == 2:
+        return cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
+    channels = arr.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(arr[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if channels == 2:  # grey + alpha: drop alpha
+        return cv2.cvtColor(np.ascontiguousarray(arr[:, :, 0]), cv2.COLOR_GRAY2RGB)
+    if channels == 3:
+        return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    if channels == 4:  # BGRA: drop alpha
+        return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
+    raise ImageError("corrupt", f"unsupported channel count {channels}")
+
+
+def decode_mask(
+    data: bytes | None, shape: tuple[int, int], threshold: int = 127
+) -> np.ndarray:
+    """Mask bytes -> H x W uint8 in {0, 1} (defect where value > ``threshold``).
+
+    ``shape`` is the (height, width) of the image the mask belongs to; any other size is a
+    ``mask_size_mismatch`` (reported, never resized). Colour masks: the brightest colour channel
+    counts; 16-bit masks are scaled to 8 bit first. ``None`` -> ``mask_missing``.
+    """
+    if data is None:
+        raise ImageError("mask_missing", "no mask for this anomalous image")
+    h, w = int(shape[0]), int(shape[1])
+    try:
+        if len(data) == 0:
+            raise ImageError("empty_file", "mask file is empty (0 bytes)")
+        size = image_size_from_header(data)
+        if size is not None and size != (w, h):
+            raise ImageError(
+                "mask_size_mismatch", f"mask is {size[0]}x{size[1]}, image is {w}x{h}"
+            )
+        arr = _to_uint8(_decode_raw(data, max(h * w, 1), 1, "mask"))
+    except ImageError as exc:
+        if exc.reason.startswith("mask_"):
+            raise
+        if exc.reason == "too_large":  # larger than its image: a size mismatch
+            raise ImageError("mask_size_mismatch", exc.message) from None
+        raise ImageError("mask_unreadable", f"{exc.reason}: {exc.message}") from None
+    if arr.shape[:2] != (h, w):
+        raise ImageError(
+            "mask_size_mismatch", f"mask is {arr.shape[1]}x{arr.shape[0]}, image is {w}x{h}"
+        )
+    if arr.ndim == 3:
+        colour = arr[:, :, : min(3, arr.shape[2])] if arr.shape[2] != 2 else arr[:, :, :1]
+        arr = colour.max(axis=2)
+    return (arr > threshold).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- resize / encode
+
+
+def resize_image(img: np.ndarray, size: int) -> np.ndarray:
+    """Whole image -> size x size (no crop). INTER_AREA on a shrinking axis, INTER_LINEAR on an
+    enlarging one (an image shrunk on one axis and enlarged on the other is resized in two
+    passes, each axis with its own interpolation)."""
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return np.ascontiguousarray(img)
+    shrink_w, shrink_h = size < w, size < h
+    if shrink_w == shrink_h:
+        interp = cv2.INTER_AREA if shrink_w else cv2.INTER_LINEAR
+        return cv2.resize(img, (size, size), interpolation=interp)
+    if shrink_w:
+        tmp = cv2.resize(img, (size, h), interpolation=cv2.INTER_AREA)
+        return cv2.resize(tmp, (size, size), interpolation=cv2.INTER_LINEAR)
+    tmp = cv2.resize(img, (w, size), interpolation=cv2.INTER_AREA)
+    return cv2.resize(tmp, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Binary mask -> size x size by nearest neighbour (values stay in {0, 1})."""
+    if mask.shape[:2] == (size, size):
+        return np.ascontiguousarray(mask)
+    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def encode_png(array: np.ndarray, compression: int = 3) -> bytes:
+    """H x W (grey) or H x W x 3 (RGB) / H x W x 4 (RGBA), uint8 or uint16 -> PNG bytes."""
+    arr = np.asarray(array)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"encode_png expects uint8/uint16, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA)
+    elif not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1)):
+        raise ValueError(f"encode_png expects HxW, HxWx3 or HxWx4, got shape {arr.shape}")
+    ok, buf = cv2.imencode(".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
+    if not ok:  # pragma: no cover
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+# ----------------------------------------------------------------------------- storage helpers
+
+
+def read_head(uri: str, cfg: StorageConfig | None = None, nbytes: int = 65536) -> bytes:
+    """The first ``nbytes`` of an object (a ranged read on S3): enough for most image headers."""
+    loc = storage.resolve(uri, cfg)
+    with loc.fs.open_input_file(loc.path) as f:
+        return f.read(nbytes)
+
+
+def header_size(uri: str, cfg: StorageConfig | None = None) -> tuple[int, int] | None:
+    """(width, height) of a stored image from its header, reading as little as possible."""
+    head = read_head(uri, cfg)
+    try:
+        return image_size_from_header(head)
+    except ImageError as exc:
+        if exc.reason != "truncated":
+            raise
+    # Header beyond the first 64 KiB (large EXIF/ICC blocks): read the whole object.
+    return image_size_from_header(storage.read_bytes(uri, cfg))
+
+
+def _read(uri: str, cfg: StorageConfig | None, reason: str) -> bytes:
+    try:
+        return storage.read_bytes(uri, cfg)
+    except FileNotFoundError as exc:
+        if reason == "mask_unreadable":
+            raise ImageError("mask_missing", storage.redact(f"mask not found: {exc}")) from None
+        raise ImageError(reason, storage.redact(f"not found: {exc}")) from None
+    except Exception as exc:  # noqa: BLE001 - any storage failure becomes an error row
+        raise ImageError(reason, storage.redact(f"{type(exc).__name__}: {exc}")) from None
+
+
+# ----------------------------------------------------------------------------- Ray Data UDF
+
+
+def _empty(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and np.isnan(value):
+        return True
+    return str(value).strip() == ""
+
+
+def _decode_row(
+    image_uri: Any,
+    mask_uri: Any,
+    mask_mode: str,  # "required" | "optional" | "skip"
+    storage_cfg: StorageConfig | None,
+    data_cfg: DataConfig,
+    size: int,
+) -> tuple[np.ndarray, np.ndarray, int, int, str | None]:
+    mask_out = np.zeros((size, size), np.uint8)
+    oh = ow = 0
+    try:
+        if _empty(image_uri):
+            raise ImageError("unreadable", "row has no image_uri")
+        data = _read(str(image_uri), storage_cfg, "unreadable")
+        img = decode_image(data, data_cfg.max_image_pixels, data_cfg.min_image_side)
+        oh, ow = img.shape[:2]
+        img_out = resize_image(img, size)
+        if mask_mode == "required" and _empty(mask_uri):
+            raise ImageError("mask_missing", "anomalous image has no mask_uri")
+        if mask_mode != "skip" and not _empty(mask_uri):
+            mdata = _read(str(mask_uri), storage_cfg, "mask_unreadable")
+            mask = decode_mask(mdata, (oh, ow), data_cfg.mask_threshold)
+            mask_out = resize_mask(mask, size)
+        return img_out, mask_out, oh, ow, None
+    except ImageError as exc:
+        msg = storage.redact(str(exc))
+    except Exception as exc:  # noqa: BLE001 - never crash a batch on one row
+        msg = storage.redact(f"unreadable: {type(exc).__name__}: {exc}")
+    return np.zeros((size, size, 3), np.uint8), np.zeros((size, size), np.uint8), oh, ow, msg
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    storage_cfg: StorageConfig | None = None,
+    data_cfg: DataConfig | None = None,
+    image_size: int | None = None,
+    max_threads: int = 8,
+) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` UDF (``batch_format="numpy"``).
+
+    Reads each row's ``image_uri`` (and ``mask_uri`` when that column exists) through
+    :mod:`prn_ray.storage`, decodes and resizes the whole image to ``image_size``. Adds columns
+    ``image`` (B x S x S x 3 uint8), ``mask`` (B x S x S uint8 {0,1}), ``orig_height``,
+    ``orig_width`` (int32) and ``error`` (None, or ``"<reason>: <message>"``), keeping every
+    input column and every row: failed rows get zero pixels and their error.
+
+    Masks: without a ``mask_uri`` column (scoring) masks are zeros. With it and a ``label``
+    column, a row labelled ``anomaly`` must have a readable mask (empty -> ``mask_missing``) and a
+    ``normal`` row gets zeros without reading its mask; without a ``label`` column each row's mask
+    is read when its ``mask_uri`` is non-empty. Reads run on a small thread pool so
+    object-store latency overlaps.
+    """
+    data_cfg = data_cfg or DataConfig()
+    size = int(image_size or data_cfg.image_size)
+    if "image_uri" not in batch:
+        raise ValueError(f"decode_batch needs an image_uri column; got {sorted(batch)}")
+    uris = batch["image_uri"]
+    n = len(uris)
+    has_mask_col = "mask_uri" in batch
+    masks = batch["mask_uri"] if has_mask_col else [None] * n
+    if not has_mask_col:
+        modes = ["skip"] * n
+    elif "label" in batch:
+        modes = ["required" if str(v) == "anomaly" else "skip" for v in batch["label"]]
+    else:
+        modes = ["optional"] * n
+
+    def work(i: int):
+        return _decode_row(uris[i], masks[i], modes[i], storage_cfg, data_cfg, size)
+
+    if n > 1 and max_threads > 1:
+        with ThreadPoolExecutor(max_workers=min(max_threads, n)) as pool:
+            results = list(pool.map(work, range(n)))
+    else:
+        results = [work(i) for i in range(n)]
+
+    out = dict(batch)
+    out["image"] = (
+        np.stack([r[0] for r in results]) if n else np.zeros((0, size, size, 3), np.uint8)
+    )
+    out["mask"] = np.stack([r[1] for r in results]) if n else np.zeros((0, size, size), np.uint8)
+    out["orig_height"] = np.array([r[2] for r in results], dtype=np.int32)
+    out["orig_width"] = np.array([r[3] for r in results], dtype=np.int32)
+    out["error"] = np.array([r[4] for r in results], dtype=object)
+    return out
+
+
+def make_decoder(
+    storage_cfg: StorageConfig | None, data_cfg: DataConfig, image_size: int | None = None
+) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """``decode_batch`` with its configuration bound (convenient for ``map_batches``)."""
+
+    def fn(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return decode_batch(
+            batch, storage_cfg=storage_cfg, data_cfg=data_cfg, image_size=image_size
+        )
+
+    return fn
