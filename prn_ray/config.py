@@ -44,6 +44,7 @@ class DataConfig:
     min_image_side: int = 8  # smaller images are rejected as unusable
     mask_threshold: int = 127  # soft masks: defect where value > threshold
     read_batch_size: int = 16  # rows per decode task
+    task_cpus: float = 0.25  # CPU share of each decode/synthesis task (fractional: see README)
 
 
 @dataclass
@@ -108,7 +109,9 @@ class TrainConfig:
     focal_gamma: float = 4.0
     focal_alpha: float = 0.5
     grad_clip: float | None = 1.0
-    precision: Literal["bf16", "fp32"] = "bf16"
+    # auto: bf16 autocast on CUDA or on CPUs with native bf16 (AVX-512 BF16 / AMX), else fp32
+    # (emulated bf16 on an AVX2-only CPU is 7-40x slower than fp32).
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool = True
     seed: int = 0
     val_every_epochs: int = 1
@@ -124,6 +127,9 @@ class TrainConfig:
     calibration_target_fpr: float = 0.01
     feature_actors: int = 1  # backbone actor pool size per product pipeline
     feature_batch_size: int = 16
+    feature_actor_cpus: float = 0.5
+    feature_actor_gpus: float = 0.25  # used only when the cluster has GPUs
+    driver_cpus: float = 0.1  # the per-product driver (Tune trial) only waits on its trainer
     torch_threads: int | None = None  # None = derived from cpus_per_worker
 
 

@@ -525,3 +525,14 @@ def make_decoder(
         )
 
     return fn
+
+
+def error_free(errors) -> "np.ndarray":
+    """Boolean mask of rows without an error.
+
+    Ray turns an all-None ``error`` column into Arrow ``null`` and then NumPy NaN, so "no error"
+    may arrive as None, NaN or "": all three count as success.
+    """
+    return np.array([e is None or (e == "" if isinstance(e, str) else bool(e != e))
+                     for e in errors], dtype=bool)
+

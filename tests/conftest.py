@@ -78,14 +78,19 @@ def s3_endpoint():
             proc.kill()
 
 
+def new_bucket(endpoint: str, prefix: str = "test") -> str:
+    """Create a fresh, empty bucket on the loopback server; returns ``s3://<bucket>``."""
+    import boto3
+
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
 @pytest.fixture
 def s3_bucket(s3_endpoint):
     """A fresh, empty bucket on the loopback server; yields ``s3://<bucket>``."""
-    import boto3
-
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
-    yield f"s3://{name}"
+    yield new_bucket(s3_endpoint)
 
 
 @pytest.fixture(scope="session")

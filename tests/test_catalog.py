@@ -6,7 +6,6 @@ Every storage-facing test runs twice: on a local temp dir and on the loopback S3
 from __future__ import annotations
 
 import importlib.util
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +29,11 @@ from prn_ray.config import Config, DataConfig, StorageConfig
 from prn_ray.demo_data import make_dataset
 from prn_ray.images import decode_batch, encode_png
 
-from conftest import REPO, shared_data
+from conftest import REPO, new_bucket, shared_data
 
 PRODUCTS = ("fabric", "bottle_cap", "metal_plate")
 N_TRAIN, N_GOOD, N_DEFECT, SIZE = 10, 4, 8, 48
 DEFECTS = ("scratch", "crack", "stain")  # 8 defect images -> 3 + 3 + 2
-
-
-def _new_bucket(endpoint: str) -> str:
-    import boto3
-
-    name = f"cat-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
-    return f"s3://{name}"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,7 @@ def trees(s3_endpoint, tmp_path_factory):
     """The same tiny demo dataset on a local disk and on S3."""
     out = {
         "local": str(tmp_path_factory.mktemp("demo") / "mvtec"),
-        "s3": storage.join(_new_bucket(s3_endpoint), "datasets/mvtec"),
+        "s3": storage.join(new_bucket(s3_endpoint, "cat"), "datasets/mvtec"),
     }
     for root in out.values():
         make_dataset(

@@ -1,0 +1,60 @@
+"""U-Net-like decoder (spec §2.7): from the deepest encoder map up through the fused skips.
+
+Widths follow the encoder: stage j outputs round(width · C_j) channels, so ResNet18 at width 1
+gives the spec's 256 / 128 / 64. Every upsampling goes to the skip map's actual size (bilinear,
+align_corners=True as in [XY]), so sizes that are not powers of two work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prn_ray.model.layers import ConvNormAct, NormKind
+
+
+def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+class UpStage(nn.Module):
+    """Upsample to the skip's size, conv to ``out_ch``, concat the skip, two conv-norm-ReLU."""
+
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, norm: NormKind) -> None:
+        super().__init__()
+        self.up = ConvNormAct(in_ch, out_ch, norm)
+        self.merge = nn.Sequential(ConvNormAct(out_ch + skip_ch, out_ch, norm),
+                                   ConvNormAct(out_ch, out_ch, norm))
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        x = self.up(_resize(x, skip.shape[-2:]))
+        return self.merge(torch.cat([x, skip], dim=1))
+
+
+class Decoder(nn.Module):
+    """``deep`` (stride 32) + skips (strides 4, 8, 16) -> 1-channel logits at ``out_size``."""
+
+    def __init__(self, encoder_channels: Sequence[int], skip_channels: Sequence[int],
+                 width: float = 1.0, norm: NormKind = "group") -> None:
+        super().__init__()
+        if len(encoder_channels) != 4 or len(skip_channels) != 3:
+            raise ValueError("decoder needs 4 encoder widths and 3 skip widths")
+        widths = [max(1, round(width * c)) for c in encoder_channels[:3]]
+        deep = encoder_channels[3]
+        # Coarse to fine: (in, skip, out) per stage.
+        self.stages = nn.ModuleList([
+            UpStage(deep, skip_channels[2], widths[2], norm),
+            UpStage(widths[2], skip_channels[1], widths[1], norm),
+            UpStage(widths[1], skip_channels[0], widths[0], norm),
+        ])
+        self.final = ConvNormAct(widths[0], widths[0], norm)
+        self.head = nn.Conv2d(widths[0], 1, 3, padding=1)
+
+    def forward(self, deep: Tensor, skips: list[Tensor], out_size: Sequence[int]) -> Tensor:
+        x = deep
+        for stage, skip in zip(self.stages, reversed(skips)):
+            x = stage(x, skip)
+        return self.head(self.final(_resize(x, out_size)))

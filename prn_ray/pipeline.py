@@ -1,0 +1,329 @@
+"""Ray Data datasets that move images from object storage to a training worker or a scorer.
+
+Three flows (DESIGN §1), all streaming, all built from the same stages:
+
+* **prototypes**: train normals -> decode -> backbone features (consumed by k-means);
+* **validation**: held-out normals + held-out real seen anomalies + fixed synthetic anomalies
+  -> decode -> synthesis -> features (computed once per run);
+* **training**: an epoch plan (spec §3.4) -> decode -> synthesis (fresh draws each epoch, seeded
+  by (seed, epoch, row)) -> features.
+
+Decode and synthesis are stateless tasks; the frozen backbone runs in an actor pool
+(``ActorPoolStrategy``, one model load per actor, GPU when the cluster has one), so training
+workers only run the PRN head. Every stage keeps failed rows (``error`` set) instead of raising,
+so one unreadable file never stops a run; consumers decide what to do with them.
+
+Resources are fractional and explicit (``data.task_cpus``, ``train.feature_actor_cpus``): on a
+small machine, trainer workers, Tune trial drivers and data actors must all fit at once or the
+run deadlocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import ray
+import torch
+
+from prn_ray import images
+from prn_ray.config import Config, ModelConfig, StorageConfig
+from prn_ray.synthesis import Synthesizer, epoch_plan, load_texture_bank, row_seed
+
+FEATURE_COLUMNS = ("feat0", "feat1", "feat2", "feat3")
+# Validation groups: the real/synthetic split lets the loop report both (reference run notes:
+# synthetic defects are learned long before real tiny ones).
+GROUP_NORMAL, GROUP_REAL, GROUP_SYNTHETIC = 0, 1, 2
+_VAL_EPOCH = 2**31 - 1  # seed namespace of the fixed validation anomalies (no training epoch)
+
+
+# ----------------------------------------------------------------------------- product data
+
+
+@dataclass
+class ProductData:
+    """What the pipelines need for one product, taken from the catalog (test rows never enter)."""
+
+    product: str
+    train_normals: list[str]
+    seen: list[tuple[str, str]]  # (image_uri, mask_uri) of seen anomalies used for training
+    val: pd.DataFrame  # image_uri, mask_uri, label of the validation split
+    quarantine: list[dict] = field(default_factory=list)  # rows excluded, with their reason
+
+    @classmethod
+    def from_catalog(cls, frame: pd.DataFrame, product: str) -> ProductData:
+        rows = frame[frame["product"] == product]
+        normals = rows[(rows["split"] == "train") & (rows["label"] == "normal")]
+        seen = rows[rows["split"] == "seen"]
+        val = rows[rows["split"] == "val"]
+        return cls(
+            product=product,
+            train_normals=sorted(normals["image_uri"].tolist()),
+            seen=sorted(zip(seen["image_uri"], seen["mask_uri"].fillna(""))),
+            val=val[["image_uri", "mask_uri", "label"]].sort_values("image_uri").reset_index(
+                drop=True
+            ),
+        )
+
+    def exclude(self, bad: dict[str, str]) -> None:
+        """Drop images found unreadable (uri -> reason) and remember them for the report."""
+        if not bad:
+            return
+        self.quarantine.extend({"product": self.product, "image_uri": u, "error": r}
+                               for u, r in sorted(bad.items()))
+        self.train_normals = [u for u in self.train_normals if u not in bad]
+        self.seen = [(u, m) for u, m in self.seen if u not in bad]
+        self.val = self.val[~self.val["image_uri"].isin(bad)].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def cluster_has_gpu() -> bool:
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def decode_stage(ds: ray.data.Dataset, cfg: Config, image_size: int) -> ray.data.Dataset:
+    """Read bytes from storage and decode/resize; failures become rows with ``error`` set."""
+    return ds.map_batches(
+        images.decode_batch,
+        fn_kwargs={"storage_cfg": cfg.storage, "data_cfg": cfg.data, "image_size": image_size},
+        batch_size=cfg.data.read_batch_size,
+        batch_format="numpy",
+        num_cpus=cfg.data.task_cpus,
+    )
+
+
+class FeatureExtractor:
+    """Ray Data actor: the frozen backbone, loaded once per actor, applied to image batches.
+
+    Rows with ``error`` set pass through with zero features (they are filtered downstream),
+    so a bad image never fails a batch of good ones.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, storage_cfg: StorageConfig, image_size: int,
+                 threads: int = 1, keep_image: bool = False):
+        from prn_ray.model import Backbone
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.backbone = Backbone(model_cfg.backbone, model_cfg.weights, storage_cfg).to(self.device).eval()
+        if self.device.type == "cpu":
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.dtype = np.float16 if model_cfg.feature_dtype == "float16" else np.float32
+        self.image_size = image_size
+        self.keep_image = keep_image
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = images_to_tensor(batch["image"], self.device)
+        feats = self.backbone(x)
+        out = dict(batch)
+        for name, f in zip(FEATURE_COLUMNS, feats):
+            out[name] = f.float().cpu().numpy().astype(self.dtype, copy=False)
+        if not self.keep_image:
+            out.pop("image")
+        return out
+
+
+def images_to_tensor(batch_images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """B x H x W x 3 uint8 -> B x 3 x H x W float in [0, 1] (the backbone normalises itself)."""
+    t = torch.from_numpy(np.ascontiguousarray(batch_images)).to(device)
+    return t.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+
+
+def feature_stage(ds: ray.data.Dataset, cfg: Config, image_size: int,
+                  keep_image: bool = False) -> ray.data.Dataset:
+    gpu = cluster_has_gpu()
+    cpus = cfg.train.feature_actor_cpus
+    return ds.map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs={
+            "model_cfg": cfg.model,
+            "storage_cfg": cfg.storage,
+            "image_size": image_size,
+            "threads": max(1, math.floor(cpus)),
+            "keep_image": keep_image,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.train.feature_actors),
+        batch_size=cfg.train.feature_batch_size,
+        batch_format="numpy",
+        num_cpus=cpus,
+        num_gpus=cfg.train.feature_actor_gpus if gpu else 0,
+    )
+
+
+def _keep_ok(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    ok = images.error_free(batch["error"])
+    return {k: v[ok] for k, v in batch.items()}
+
+
+def drop_errors(ds: ray.data.Dataset, cfg: Config) -> ray.data.Dataset:
+    """Rows that failed to decode leave the training stream (they were reported upstream)."""
+    return ds.map_batches(_keep_ok, batch_format="numpy", num_cpus=cfg.data.task_cpus)
+
+
+def _frame_dataset(frame: pd.DataFrame, cfg: Config) -> ray.data.Dataset:
+    # Small blocks so decode tasks start early and stream, instead of one big block.
+    # (Split by hand: from_pandas(override_num_blocks=...) breaks on pandas 3.)
+    blocks = max(1, min(len(frame) // max(1, cfg.data.read_batch_size), 200))
+    bounds = np.linspace(0, len(frame), blocks + 1).astype(int)
+    parts = [frame.iloc[a:b].reset_index(drop=True) for a, b in zip(bounds[:-1], bounds[1:])]
+    return ray.data.from_pandas([p for p in parts if len(p)] or [frame])
+
+
+# ----------------------------------------------------------------------------- banks
+
+
+@dataclass
+class SynthesisBanks:
+    """Small decoded image banks the synthesis tasks carry (a few MB, shipped once per op)."""
+
+    textures: np.ndarray
+    seen: list[tuple[np.ndarray, np.ndarray]]
+    homologous: np.ndarray | None
+    heterologous: np.ndarray | None
+
+    def synthesizer(self, cfg: Config, image_size: int) -> Synthesizer:
+        return Synthesizer(cfg.synthesis, image_size, textures=self.textures, seen=self.seen,
+                           homologous=self.homologous, heterologous=self.heterologous)
+
+
+def decode_uris(uris: list[tuple[str, str]], cfg: Config, image_size: int
+                ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, str]]:
+    """Decode (image, mask) pairs in-process (for the small banks). Returns pairs and errors."""
+    if not uris:
+        return [], {}
+    batch = {"image_uri": np.array([u for u, _ in uris], dtype=object),
+             "mask_uri": np.array([m or "" for _, m in uris], dtype=object)}
+    out = images.decode_batch(batch, storage_cfg=cfg.storage, data_cfg=cfg.data,
+                              image_size=image_size)
+    pairs, bad = [], {}
+    for i, (uri, _) in enumerate(uris):
+        err = out["error"][i]
+        if err:
+            bad[uri] = err
+        else:
+            pairs.append((out["image"][i], out["mask"][i]))
+    return pairs, bad
+
+
+def build_banks(data: ProductData, others: dict[str, list[str]], cfg: Config, image_size: int,
+                bank_size: int = 16) -> SynthesisBanks:
+    """Textures, the product's seen defects, and same-/other-product normals for HOA/HEA."""
+    rng = np.random.default_rng(cfg.train.seed)
+    seen, bad_seen = decode_uris(data.seen, cfg, image_size)
+    data.exclude(bad_seen)
+
+    def pick(uris: list[str]) -> list[tuple[str, str]]:
+        if not uris:
+            return []
+        idx = rng.choice(len(uris), size=min(bank_size, len(uris)), replace=False)
+        return [(uris[i], "") for i in sorted(idx)]
+
+    homo, _ = decode_uris(pick(data.train_normals), cfg, image_size)
+    other_uris = [u for p, us in sorted(others.items()) if p != data.product for u in us]
+    hetero, _ = decode_uris(pick(other_uris), cfg, image_size)
+    return SynthesisBanks(
+        textures=load_texture_bank(cfg.synthesis, image_size, storage_cfg=cfg.storage,
+                                   seed=cfg.train.seed),
+        seen=seen,
+        homologous=np.stack([im for im, _ in homo]) if homo else None,
+        heterologous=np.stack([im for im, _ in hetero]) if hetero else None,
+    )
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def prototype_dataset(data: ProductData, cfg: Config, image_size: int) -> ray.data.Dataset:
+    """Train normals -> features; keeps ``image_uri`` and ``error`` so bad files are reported."""
+    frame = pd.DataFrame({"image_uri": data.train_normals, "mask_uri": ""})
+    ds = decode_stage(_frame_dataset(frame, cfg), cfg, image_size)
+    ds = feature_stage(ds, cfg, image_size)
+    return ds.select_columns(["image_uri", "error", *FEATURE_COLUMNS])
+
+
+def plan_frame(data: ProductData, cfg: Config, epochs: range) -> pd.DataFrame:
+    """The rows of the given epochs: which image each row starts from, its kind and seed."""
+    frames = []
+    for epoch in epochs:
+        plan = epoch_plan(len(data.train_normals), len(data.seen), cfg.synthesis, epoch,
+                          cfg.train.seed)
+        kind = plan["kind"]
+        is_seen = kind == "seen"
+        normal_idx = np.maximum(plan["normal_index"], 0)
+        src = np.maximum(plan["source_index"], 0)
+        image_uri = np.where(
+            is_seen,
+            np.array([data.seen[i][0] for i in src] if data.seen else [""] * len(kind), dtype=object),
+            np.array([data.train_normals[i] for i in normal_idx], dtype=object),
+        )
+        mask_uri = np.where(
+            is_seen,
+            np.array([data.seen[i][1] for i in src] if data.seen else [""] * len(kind), dtype=object),
+            "",
+        )
+        frames.append(pd.DataFrame({
+            "epoch": np.full(len(kind), epoch, dtype=np.int32),
+            "kind": kind.astype(object),
+            "image_uri": image_uri,
+            "mask_uri": mask_uri,
+            "seed": plan["seed"],
+            "source_index": plan["source_index"],
+        }))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def epoch_size(data: ProductData, cfg: Config) -> int:
+    return len(epoch_plan(len(data.train_normals), len(data.seen), cfg.synthesis, 0,
+                          cfg.train.seed)["kind"])
+
+
+def train_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config, image_size: int,
+                  start_epoch: int = 0) -> ray.data.Dataset:
+    """Epochs ``start_epoch .. train.epochs-1``, each with fresh seeded synthesis."""
+    frame = plan_frame(data, cfg, range(start_epoch, cfg.train.epochs))
+    ds = decode_stage(_frame_dataset(frame, cfg), cfg, image_size)
+    ds = drop_errors(ds, cfg)
+    ds = ds.map_batches(banks.synthesizer(cfg, image_size), batch_size=cfg.data.read_batch_size,
+                        batch_format="numpy", num_cpus=cfg.data.task_cpus)
+    ds = feature_stage(ds, cfg, image_size)
+    return ds.select_columns([*FEATURE_COLUMNS, "mask", "epoch"])
+
+
+def validation_frame(data: ProductData, banks: SynthesisBanks, cfg: Config) -> pd.DataFrame:
+    """Held-out normals and real anomalies, plus one fixed synthetic anomaly per held-out normal
+    (alternating simulated / extended), seeded apart from every training epoch."""
+    val = data.val
+    normals = val[val["label"] == "normal"]["image_uri"].tolist()
+    real = val[val["label"] == "anomaly"]
+    rows = [{"image_uri": u, "mask_uri": "", "kind": "normal", "group": GROUP_NORMAL}
+            for u in normals]
+    rows += [{"image_uri": u, "mask_uri": m or "", "kind": "seen", "group": GROUP_REAL}
+             for u, m in zip(real["image_uri"], real["mask_uri"])]
+    for i, uri in enumerate(normals):
+        kind = "extended" if (i % 2 and banks.seen) else "simulated"
+        rows.append({"image_uri": uri, "mask_uri": "", "kind": kind, "group": GROUP_SYNTHETIC})
+    frame = pd.DataFrame(rows, columns=["image_uri", "mask_uri", "kind", "group"])
+    frame["seed"] = np.array([row_seed(cfg.train.seed, _VAL_EPOCH, i) for i in range(len(frame))],
+                             dtype=np.int64)
+    n_seen = max(1, len(banks.seen))
+    frame["source_index"] = np.array(
+        [i % n_seen if k == "extended" else -1 for i, k in enumerate(frame["kind"])], dtype=np.int64
+    )
+    return frame
+
+
+def validation_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config,
+                       image_size: int) -> ray.data.Dataset:
+    frame = validation_frame(data, banks, cfg)
+    ds = decode_stage(_frame_dataset(frame, cfg), cfg, image_size)
+    ds = drop_errors(ds, cfg)
+    ds = ds.map_batches(banks.synthesizer(cfg, image_size), batch_size=cfg.data.read_batch_size,
+                        batch_format="numpy", num_cpus=cfg.data.task_cpus)
+    ds = feature_stage(ds, cfg, image_size)
+    return ds.select_columns([*FEATURE_COLUMNS, "mask", "group"])
+

@@ -1,0 +1,183 @@
+"""Model registry (DESIGN §3): one immutable folder per trained version, ``LATEST`` written last.
+
+Layout under ``storage.models_uri``::
+
+    <product>/<version>/model.safetensors     PRN head weights + prototypes (buffers)
+    <product>/<version>/backbone.safetensors  frozen backbone weights (extension: a version is
+                                              self-contained, so nightly scoring in an
+                                              air-gapped plant needs no hub or weights URI)
+    <product>/<version>/config.json           full config (model incl. backbone + weight source)
+    <product>/<version>/calibration.json      decision threshold and how it was chosen
+    <product>/<version>/metrics.json          validation metrics, training summary
+    <product>/LATEST                          the current version (plain text), written last
+
+Weights are stored and read only as safetensors: loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from prn_ray import storage
+from prn_ray.config import Config, StorageConfig, from_dict
+
+REQUIRED_FILES = ("model.safetensors", "backbone.safetensors", "config.json", "calibration.json",
+                  "metrics.json")
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+@dataclass
+class ModelVersion:
+    """A registered model as read back from the registry."""
+
+    product: str
+    version: str
+    uri: str
+    config: Config
+    image_size: int
+    calibration: dict[str, Any]
+    metrics: dict[str, Any]
+    head_state: dict[str, torch.Tensor]
+    backbone_state: dict[str, torch.Tensor]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.calibration["threshold"])
+
+    def build(self, device: str | torch.device = "cpu"):
+        """The exportable :class:`~prn_ray.model.PRN` with this version's weights, in eval mode."""
+        from prn_ray.model import build_prn
+
+        # The backbone's weights come from backbone.safetensors, not from their original source.
+        prn = build_prn(self.config.model, self.image_size, storage_cfg=self.config.storage,
+                        backbone_state=self.backbone_state)
+        prn.head.load_state_dict(self.head_state, strict=True)
+        return prn.to(device).eval()
+
+
+def new_version() -> str:
+    """Sortable, unique: UTC timestamp plus a random suffix (two jobs in one second differ)."""
+    return time.strftime("v%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; clone to be safe and CPU-resident.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def publish(
+    cfg: Config,
+    product: str,
+    *,
+    head_state: dict[str, torch.Tensor],
+    backbone_state: dict[str, torch.Tensor],
+    image_size: int,
+    calibration: dict[str, Any],
+    metrics: dict[str, Any],
+    version: str | None = None,
+) -> str:
+    """Write a new version and then point ``LATEST`` at it. Returns the version.
+
+    Existing versions are never overwritten: publishing to a version that already holds files
+    raises :class:`RegistryError`.
+    """
+    if "threshold" not in calibration:
+        raise RegistryError("calibration must contain a 'threshold'")
+    scfg = cfg.storage
+    version = version or new_version()
+    root = storage.join(scfg.models_uri, product, version)
+    if storage.exists(storage.join(root, "config.json"), scfg):
+        raise RegistryError(f"model version {product}/{version} already exists; versions are immutable")
+    meta = {"product": product, "version": version, "format": "prn_ray/1"}
+    storage.write_bytes(
+        storage.join(root, "model.safetensors"), st_save(_tensors(head_state), metadata=meta), scfg
+    )
+    storage.write_bytes(
+        storage.join(root, "backbone.safetensors"),
+        st_save(_tensors(backbone_state), metadata={**meta, "weights": cfg.model.weights}),
+        scfg,
+    )
+    config_doc = {"product": product, "version": version, "image_size": image_size,
+                  "config": cfg.to_dict()}
+    storage.write_text(storage.join(root, "calibration.json"), _dumps(calibration), scfg)
+    storage.write_text(storage.join(root, "metrics.json"), _dumps(metrics), scfg)
+    # config.json marks the version as complete; LATEST makes it current. Both written last.
+    storage.write_text(storage.join(root, "config.json"), _dumps(config_doc), scfg)
+    storage.write_text(storage.join(scfg.models_uri, product, "LATEST"), version + "\n", scfg)
+    return version
+
+
+def latest_version(storage_cfg: StorageConfig, product: str) -> str | None:
+    uri = storage.join(storage_cfg.models_uri, product, "LATEST")
+    if not storage.exists(uri, storage_cfg):
+        return None
+    return storage.read_text(uri, storage_cfg).strip() or None
+
+
+def list_versions(storage_cfg: StorageConfig, product: str) -> list[str]:
+    """Complete versions (those with every required file), oldest first."""
+    root = storage.join(storage_cfg.models_uri, product)
+    out = []
+    for name in storage.list_dirs(root, storage_cfg):
+        if all(storage.exists(storage.join(root, name, f), storage_cfg) for f in REQUIRED_FILES):
+            out.append(name)
+    return out
+
+
+def list_products(storage_cfg: StorageConfig) -> list[str]:
+    root = storage_cfg.models_uri
+    return [p for p in storage.list_dirs(root, storage_cfg)
+            if storage.exists(storage.join(root, p, "LATEST"), storage_cfg)]
+
+
+def load(storage_cfg: StorageConfig, product: str, version: str | None = None) -> ModelVersion:
+    """Read a version (default: ``LATEST``). Raises :class:`RegistryError` with the reason."""
+    version = version or latest_version(storage_cfg, product)
+    if version is None:
+        raise RegistryError(f"no model registered for product {product!r} under "
+                            f"{storage_cfg.models_uri}")
+    root = storage.join(storage_cfg.models_uri, product, version)
+    missing = [f for f in REQUIRED_FILES if not storage.exists(storage.join(root, f), storage_cfg)]
+    if missing:
+        raise RegistryError(f"model {product}/{version} is incomplete (missing {missing})")
+    config_doc = json.loads(storage.read_text(storage.join(root, "config.json"), storage_cfg))
+    cfg = from_dict(config_doc["config"])
+    # The registry's own location wins over whatever the training run was configured with.
+    cfg = cfg.replace({"storage.models_uri": storage_cfg.models_uri,
+                       "storage.endpoint_url": storage_cfg.endpoint_url})
+    return ModelVersion(
+        product=product,
+        version=version,
+        uri=root,
+        config=cfg,
+        image_size=int(config_doc["image_size"]),
+        calibration=json.loads(storage.read_text(storage.join(root, "calibration.json"), storage_cfg)),
+        metrics=json.loads(storage.read_text(storage.join(root, "metrics.json"), storage_cfg)),
+        head_state=st_load(storage.read_bytes(storage.join(root, "model.safetensors"), storage_cfg)),
+        backbone_state=st_load(
+            storage.read_bytes(storage.join(root, "backbone.safetensors"), storage_cfg)
+        ),
+    )
+
+
+def _dumps(doc: Any) -> str:
+    return json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

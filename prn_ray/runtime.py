@@ -1,0 +1,64 @@
+"""Connecting to Ray the same way locally, in CI and on a cluster.
+
+* Inside ``ray job submit`` (``RAY_ADDRESS`` is set by Ray) or with ``ray.address`` configured,
+  jobs connect to that cluster.
+* Otherwise they start a local Ray whose dashboard (if any) listens on 127.0.0.1 only, and whose
+  workers inherit this process's environment (S3 endpoint and credentials).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import ray
+
+from prn_ray.config import Config
+
+log = logging.getLogger("prn_ray")
+
+
+def init_ray(cfg: Config) -> None:
+    """Start or connect to Ray once per process, and quiet Ray Data's progress bars."""
+    # Workers of a local Ray inherit this; on a cluster, set it in the job's runtime_env.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if not ray.is_initialized():
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(
+                num_cpus=cfg.ray.num_cpus,
+                dashboard_host=cfg.ray.dashboard_host,
+                include_dashboard=False,
+                log_to_driver=True,
+            )
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Our progress lines are per product; Ray Data's bars interleave unreadably across them."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+
+
+def progress(product: str, message: str) -> None:
+    """One progress line a person can follow (``[product] message``), flushed immediately.
+
+    Written to stdout directly: Ray Train patches ``print`` on its workers, which would echo
+    every line twice through the driver.
+    """
+    sys.stdout.write(f"{time.strftime('%H:%M:%S')} [{product}] {message}\n")
+    sys.stdout.flush()

@@ -1,0 +1,694 @@
+"""Training one PRN per product with Ray Train, all products at once.
+
+Shape of a run (``train_all``):
+
+* one Ray Tune trial per product (Ray's many-model pattern) runs :func:`train_product`, a small
+  driver that builds the product's synthesis banks and prototypes (k-means on streamed
+  backbone features), then launches a ``TorchTrainer`` (Train V2) whose workers run
+  :func:`train_loop_per_worker` on the Ray Data shard of features;
+* after training it calibrates a threshold on validation data and publishes the model to the
+  registry. One product's failure is recorded in the run summary and never stops the others.
+
+The loop counts steps, not epochs (reference run notes: steps decide): warm-up + cosine
+schedule sized by the step budget, bf16 autocast + channels_last on CPU, validation on held-out
+real and synthetic anomalies, best-epoch selection on validation only (the test split never
+reaches this module), checkpoints through ``ray.train.report`` for resumption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+
+from prn_ray import images, metrics, registry, storage
+from prn_ray.config import Config, from_dict
+from prn_ray.model import Backbone, PRNHead, PRNLoss, fit_prototypes, image_score
+from prn_ray.model.prn import area_kernel
+from prn_ray.pipeline import (
+    FEATURE_COLUMNS,
+    GROUP_NORMAL,
+    GROUP_REAL,
+    GROUP_SYNTHETIC,
+    ProductData,
+    build_banks,
+    epoch_size,
+    prototype_dataset,
+    train_dataset,
+    validation_dataset,
+)
+from prn_ray.runtime import progress, quiet_ray_data
+
+STATE_FILE = "state.json"
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs (stored as JSON in checkpoints)."""
+
+    epoch: int = -1  # last completed epoch
+    step: int = 0
+    elapsed_s: float = 0.0  # training time spent so far (for time budgets across restarts)
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stale_validations: int = 0
+    stopped: str = ""  # why training stopped early ("" = ran to the end)
+    restarts: int = 0
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        doc = json.loads(text)
+        doc["best_score"] = -math.inf if doc.get("best_score") is None else doc["best_score"]
+        return cls(**doc)
+
+    def to_json(self) -> str:
+        doc = asdict(self)
+        doc["best_score"] = None if math.isinf(self.best_score) else self.best_score
+        return json.dumps(doc, indent=1, default=_json_default)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    raise TypeError(type(obj).__name__)
+
+
+def lr_factor(step: int, total_steps: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up, then cosine decay to 1 % (or constant) over the step budget."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total_steps <= warmup:
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(directory: str, head: torch.nn.Module, best: dict[str, torch.Tensor] | None,
+                    optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+    save_file(_cpu_state(head.state_dict()), os.path.join(directory, "head.safetensors"))
+    if best is not None:
+        save_file(best, os.path.join(directory, "best.safetensors"))
+    # Optimizer state is tensors and plain containers: readable with weights_only=True.
+    torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        f.write(state.to_json())
+
+
+def load_checkpoint(directory: str, head: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                    ) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+    head.load_state_dict(load_file(os.path.join(directory, "head.safetensors")))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"),
+                                             weights_only=True, map_location="cpu"))
+    best_path = os.path.join(directory, "best.safetensors")
+    best = load_file(best_path) if os.path.exists(best_path) else None
+    with open(os.path.join(directory, STATE_FILE)) as f:
+        return TrainState.from_json(f.read()), best
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def last_completed_epoch(run_uri: str, cfg: Config) -> int:
+    """Epoch of the run's latest *registered* checkpoint (-1 if none): where data resumes.
+
+    Ray Train's checkpoint-manager snapshot lists the checkpoints it registered (with the
+    metrics we reported, ``epoch`` among them), which is exactly what ``get_checkpoint()``
+    hands the restarted workers. A checkpoint copied to storage but never registered (worker
+    killed in between) is ignored, so data and model state cannot disagree. Without a snapshot
+    we fall back to the checkpoints' own ``state.json``.
+    """
+    snapshot = storage.join(run_uri, "checkpoint_manager_snapshot.json")
+    if storage.exists(snapshot, cfg.storage):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            doc = json.loads(storage.read_text(snapshot, cfg.storage))
+            epochs = [int(r["metrics"]["epoch"]) for r in doc["checkpoint_results"]]
+            return max(epochs, default=-1)
+    best = -1
+    for name in storage.list_dirs(run_uri, cfg.storage):
+        uri = storage.join(run_uri, name, STATE_FILE)
+        if name.startswith("checkpoint") and storage.exists(uri, cfg.storage):
+            with contextlib.suppress(ValueError, KeyError):
+                best = max(best, int(json.loads(storage.read_text(uri, cfg.storage))["epoch"]))
+    return best
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@dataclass
+class ValidationSet:
+    """Validation features held in worker memory (computed once by the feature actors)."""
+
+    features: list[torch.Tensor]  # per level: N x C x H x W (float16/32)
+    masks: torch.Tensor  # N x S x S uint8
+    groups: torch.Tensor  # N int (GROUP_*)
+
+    @classmethod
+    def from_shard(cls, shard) -> ValidationSet:
+        feats: list[list[torch.Tensor]] = [[] for _ in FEATURE_COLUMNS]
+        masks, groups = [], []
+        for batch in shard.iter_torch_batches(batch_size=64):
+            for i, c in enumerate(FEATURE_COLUMNS):
+                feats[i].append(batch[c])
+            masks.append(batch["mask"])
+            groups.append(batch["group"])
+        if not masks:
+            raise RuntimeError("the validation set is empty: no readable held-out images")
+        return cls([torch.cat(f) for f in feats], torch.cat(masks), torch.cat(groups))
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
+
+
+@torch.no_grad()
+def predict_maps(head: torch.nn.Module, features: list[torch.Tensor], batch_size: int,
+                 device: torch.device, precision: str) -> torch.Tensor:
+    """Anomaly maps (N x S x S float32) of cached features, in eval mode, batch by batch."""
+    was_training = head.training
+    head.eval()
+    out = []
+    try:
+        for i in range(0, features[0].shape[0], batch_size):
+            chunk = [f[i:i + batch_size].to(device) for f in features]
+            with _autocast(device, precision):
+                logits = head(chunk)
+            out.append(torch.sigmoid(logits.float())[:, 0].cpu())
+    finally:
+        head.train(was_training)
+    return torch.cat(out)
+
+
+def validation_metrics(maps: torch.Tensor, val: ValidationSet, cfg: Config
+                       ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Metrics on all validation images and on the real / synthetic subsets.
+
+    Returns (metrics, image scores, image labels). Keys: ``val_<metric>``,
+    ``val_real_<metric>``, ``val_synth_<metric>`` for image_auroc, pixel_auroc, aupro, pixel_ap.
+    """
+    scores = image_score(maps[:, None], cfg.model.score, cfg.model.score_topk,
+                         area_kernel(tuple(maps.shape[-2:]))).numpy()
+    masks = val.masks.numpy().astype(bool)
+    groups = val.groups.numpy()
+    labels = masks.reshape(len(masks), -1).any(1)
+    m = maps.numpy()
+    out: dict[str, float] = {}
+    subsets = {"val": np.ones_like(labels),
+               "val_real": groups != GROUP_SYNTHETIC,
+               "val_synth": groups != GROUP_REAL}
+    for prefix, sel in subsets.items():
+        if not (sel & labels).any():
+            continue  # no anomaly in this subset (e.g. no held-out real defect)
+        acc = metrics.PixelMetricAccumulator(fpr_limit=0.3)
+        acc.update(m[sel], masks[sel], scores=scores[sel], labels=labels[sel])
+        for k, v in acc.compute().items():
+            out[f"{prefix}_{k}"] = float(v)
+    return out, scores, labels
+
+
+def calibrate(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, cfg: Config
+              ) -> dict[str, Any]:
+    """Decision threshold on validation image scores (``is_anomaly = score > threshold``).
+
+    ``f1``: the F1-optimal threshold over held-out normals vs. held-out real and synthetic
+    anomalies. ``fpr``: the threshold that flags at most ``calibration_target_fpr`` of the
+    held-out normals.
+    """
+    normals = scores[~labels]
+    doc: dict[str, Any] = {"rule": cfg.train.calibration, "n_normal": int((~labels).sum()),
+                           "n_anomalous": int(labels.sum()),
+                           "n_real_anomalous": int((labels & (groups == GROUP_REAL)).sum())}
+    if cfg.train.calibration == "fpr" or not labels.any():
+        t = metrics.threshold_at_fpr(normals, cfg.train.calibration_target_fpr)
+        doc.update(rule="fpr", threshold=t, target_fpr=cfg.train.calibration_target_fpr)
+    else:
+        t, f1 = metrics.f1_optimal_threshold(labels, scores)
+        doc.update(threshold=t, f1=f1)
+    doc["val_fpr"] = float((normals > doc["threshold"]).mean()) if normals.size else math.nan
+    doc["val_tpr"] = float((scores[labels] > doc["threshold"]).mean()) if labels.any() else math.nan
+    doc["score_rule"] = cfg.model.score
+    return doc
+
+
+# ----------------------------------------------------------------------------- worker loop
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 matmuls/convolutions run natively (CUDA, AVX-512 BF16 or AMX CPUs)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _selection_key(cfg: Config) -> str:
+    key = cfg.train.selection_metric
+    return key if key.startswith("val") else f"val_{key}"
+
+
+def _stop_everywhere(flag: bool, world: int) -> bool:
+    """Workers must agree on stopping (a lone stop deadlocks the others' all-reduce)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: PRN head on the features streamed by the ``train`` dataset shard."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(config["cfg"])
+    product = config["product"]
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(tc.torch_threads or max(1, round(tc.cpus_per_worker)))
+    torch.manual_seed(tc.seed + rank)
+    np.random.seed(tc.seed + rank)
+    device = ray.train.torch.get_device()
+    precision = resolve_precision(tc.precision, device)
+    say = (lambda msg: progress(product, msg)) if rank == 0 else (lambda msg: None)
+
+    head = PRNHead(cfg.model, config["channels"], config["image_size"], config["feature_sizes"])
+    if cfg.model.use_prototypes:
+        head.set_prototypes(ray.get(config["prototypes"]))
+    head = head.to(device)
+    if tc.channels_last and device.type == "cpu":
+        head = head.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(head.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    loss_fn = PRNLoss.from_config(tc)
+
+    state, best = TrainState(), None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state, best = load_checkpoint(d, head, optimizer)
+        state.restarts += 1
+        say(f"resumed from checkpoint after epoch {state.epoch} (step {state.step})")
+
+    rows_per_epoch = config["epoch_rows"]
+    steps_per_epoch = max(1, rows_per_epoch // (tc.batch_size * world))
+    total_steps = steps_per_epoch * tc.epochs
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, tc.schedule),
+        last_epoch=state.step - 1 if state.step else -1,
+    )
+    model = ray.train.torch.prepare_model(head) if world > 1 else head
+
+    val = ValidationSet.from_shard(ray.train.get_dataset_shard("val"))
+    shard = ray.train.get_dataset_shard("train")
+    say(f"training: {rows_per_epoch} samples/epoch, {steps_per_epoch} steps/epoch, "
+        f"budget {total_steps} steps, {len(val)} validation images, {device} {precision}")
+
+    def end_epoch(epoch: int, running: dict[str, float]) -> bool:
+        """Validate/checkpoint/report as configured. Returns True when training should stop."""
+        state.epoch = epoch
+        state.elapsed_s += time.time() - t_mark[0]
+        t_mark[0] = time.time()
+        last = state.step >= total_steps or epoch >= tc.epochs - 1
+        over_time = bool(tc.time_budget_s and state.elapsed_s >= tc.time_budget_s)
+        due = (epoch + 1) % tc.val_every_epochs == 0 or last or over_time
+        record: dict[str, Any] = {"epoch": epoch, "step": state.step,
+                                  "lr": optimizer.param_groups[0]["lr"],
+                                  "loss": running["loss"] / max(1, running["n"]),
+                                  "elapsed_s": round(state.elapsed_s, 1)}
+        stop = last or over_time
+        if due:
+            nonlocal best
+            maps = predict_maps(head, val.features, tc.batch_size, device, precision)
+            vm, scores, labels = validation_metrics(maps, val, cfg)
+            record.update(vm)
+            key = _selection_key(cfg)
+            score = vm.get(key, vm.get("val_pixel_ap", math.nan))
+            if not math.isnan(score) and score > state.best_score:
+                state.best_score, state.best_epoch, state.best_metrics = score, epoch, vm
+                state.calibration = calibrate(scores, labels, val.groups.numpy(), cfg)
+                best = _cpu_state(head.state_dict())
+                state.stale_validations = 0
+            else:
+                state.stale_validations += 1
+            if tc.early_stop_patience and state.stale_validations >= tc.early_stop_patience:
+                stop, state.stopped = True, "early_stop"
+        if over_time and not state.stopped:
+            state.stopped = "time_budget"
+        stop = _stop_everywhere(stop, world)
+        state.history.append(record)
+        shown = {k: record[k] for k in ("val_pixel_ap", "val_aupro", "val_image_auroc",
+                                       "val_real_pixel_ap") if k in record}
+        say(f"epoch {epoch + 1}/{tc.epochs} step {state.step}/{total_steps} "
+            f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            + " ".join(f"{k} {v:.3f}" for k, v in shown.items())
+            + f" ({state.elapsed_s:.0f}s)")
+        if due or stop:
+            report = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            report.update(best_score=state.best_score if state.best_epoch >= 0 else math.nan,
+                          best_epoch=state.best_epoch)
+            with tempfile.TemporaryDirectory() as d:
+                ckpt = None
+                if rank == 0:
+                    save_checkpoint(d, head, best, optimizer, state)
+                    ckpt = ray.train.Checkpoint.from_directory(d)
+                ray.train.report(report, checkpoint=ckpt)
+        return stop
+
+    t_mark = [time.time()]
+    running = {"loss": 0.0, "n": 0}
+    epoch = state.epoch + 1
+    step_in_epoch = 0
+    first = True
+    model.train()
+    stopped = state.step >= total_steps
+    for batch in ([] if stopped else shard.iter_torch_batches(
+            batch_size=tc.batch_size, drop_last=True, device=device, prefetch_batches=2)):
+        if first:
+            # The dataset resumes at the epoch after its last checkpoint; trust the data.
+            epoch = int(batch["epoch"].min())
+            first = False
+        feats = [batch[c] for c in FEATURE_COLUMNS]
+        if tc.channels_last and device.type == "cpu":
+            feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+        target = batch["mask"].float()[:, None]
+        with _autocast(device, precision):
+            logits = model(feats)
+        loss = loss_fn(logits.float(), target).total
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {state.step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(head.parameters(), tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        step_in_epoch += 1
+        running["loss"] += float(loss.detach())
+        running["n"] += 1
+        if step_in_epoch >= steps_per_epoch or state.step >= total_steps:
+            if end_epoch(epoch, running):
+                stopped = True
+                break
+            epoch += 1
+            step_in_epoch = 0
+            running = {"loss": 0.0, "n": 0}
+    if not stopped and running["n"]:
+        end_epoch(epoch, running)  # data ran out mid-epoch (e.g. images dropped as unreadable)
+
+
+# ----------------------------------------------------------------------------- per product
+
+
+@dataclass
+class ProductResult:
+    product: str
+    status: str  # ok | failed
+    version: str | None = None
+    epochs: int = 0
+    steps: int = 0
+    best_epoch: int = -1
+    metrics: dict[str, float] = field(default_factory=dict)
+    threshold: float | None = None
+    wall_s: float = 0.0
+    start: float = 0.0
+    end: float = 0.0
+    quarantined: int = 0
+    error: str | None = None
+    stopped: str = ""
+
+
+def _storage_filesystem(cfg: Config, uri: str):
+    """(filesystem, path) for Ray's ``storage_path``/``storage_filesystem`` (S3 endpoints)."""
+    loc = storage.resolve(uri, cfg.storage)
+    return (loc.fs, loc.path) if loc.scheme == "s3" else (None, loc.path)
+
+
+def feature_geometry(cfg: Config, image_size: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Channels and map sizes of the backbone's four levels (random init: shapes only)."""
+    probe = Backbone(cfg.model.backbone, "none")
+    return probe.channels, probe.feature_sizes((image_size, image_size))
+
+
+def compute_prototypes(data: ProductData, cfg: Config, image_size: int
+                       ) -> tuple[list[torch.Tensor], int]:
+    """Stream the product's normal features, quarantine unreadable images, run k-means."""
+    per_level: list[list[np.ndarray]] = [[] for _ in range(3)]
+    bad: dict[str, str] = {}
+    for batch in prototype_dataset(data, cfg, image_size).iter_batches(
+            batch_size=64, batch_format="numpy"):
+        err = batch["error"]
+        ok = images.error_free(err)
+        for uri, e in zip(batch["image_uri"][~ok], err[~ok]):
+            bad[str(uri)] = str(e)
+        for j in range(3):
+            per_level[j].append(batch[FEATURE_COLUMNS[j]][ok])
+    data.exclude(bad)
+    n = len(data.train_normals)
+    if n == 0:
+        raise RuntimeError(f"product {data.product}: no readable normal training image")
+    feats = [torch.from_numpy(np.concatenate(level)) for level in per_level]
+    protos = fit_prototypes(feats, cfg.model.prototype_ratio, seed=cfg.train.seed,
+                            iters=cfg.model.kmeans_iters, max_images=cfg.model.prototype_max_images)
+    return protos, n
+
+
+def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
+                  others: dict[str, list[str]] | None = None) -> ProductResult:
+    """Prototypes -> TorchTrainer -> calibration -> registry, for one product.
+
+    Never raises: failures come back as ``status="failed"`` with the reason.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.time()
+    result = ProductResult(product=product, status="failed", start=t0)
+    try:
+        tc, size = cfg.train, cfg.data.image_size
+        data = ProductData.from_catalog(catalog, product)
+        progress(product, f"{len(data.train_normals)} train normals, {len(data.seen)} seen "
+                          f"anomalies, {len(data.val)} validation images")
+        banks = build_banks(data, others or {}, cfg, size)
+        progress(product, "prototypes: streaming normal features for k-means")
+        protos, n_normal = compute_prototypes(data, cfg, size)
+        if data.quarantine:
+            progress(product, f"quarantined {len(data.quarantine)} unreadable image(s)")
+        progress(product, f"prototypes: K={protos[0].shape[0]} per scale from {n_normal} normals")
+        channels, feature_sizes = feature_geometry(cfg, size)
+        rows = epoch_size(data, cfg)
+        run_name = f"{run_id}-{product}"
+        fs, path = _storage_filesystem(cfg, cfg.storage.runs_uri)
+        run_uri = storage.join(cfg.storage.runs_uri, run_name)
+        use_gpu = tc.use_gpu == "true" or (
+            tc.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+
+        def train_data():
+            # Called by Ray Train at every (re)start of the worker group: resume the stream
+            # at the epoch after the last complete checkpoint instead of replaying epoch 0.
+            start = last_completed_epoch(run_uri, cfg) + 1
+            return train_dataset(data, banks, cfg, size, start_epoch=min(start, tc.epochs - 1))
+
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "cfg": cfg.to_dict(), "product": product, "channels": channels,
+                "feature_sizes": feature_sizes, "image_size": size, "epoch_rows": rows,
+                "prototypes": ray.put(protos),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=tc.num_workers, use_gpu=use_gpu,
+                resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            ),
+            run_config=RunConfig(
+                name=run_name, storage_path=path, storage_filesystem=fs,
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=tc.max_failures),
+            ),
+            datasets={"train": train_data,
+                      "val": validation_dataset(data, banks, cfg, size)},
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        fit = trainer.fit()
+        if fit.checkpoint is None:
+            raise RuntimeError(f"training produced no checkpoint ({fit.error})")
+        with fit.checkpoint.as_directory() as d:
+            head = PRNHead(cfg.model, channels, size, feature_sizes)
+            state, best = load_checkpoint(d, head, None)
+        if best is None or state.calibration is None:
+            raise RuntimeError("no validation result was ever better than nothing "
+                               "(metrics were NaN); nothing to register")
+        backbone = Backbone(cfg.model.backbone, cfg.model.weights, cfg.storage)
+        version = registry.publish(
+            cfg, product, head_state=best, backbone_state=backbone.state_dict(),
+            image_size=size, calibration=state.calibration,
+            metrics={"validation": state.best_metrics, "best_epoch": state.best_epoch,
+                     "epochs": state.epoch + 1, "steps": state.step, "history": state.history,
+                     "restarts": state.restarts, "stopped": state.stopped,
+                     "run_id": run_id, "quarantined": data.quarantine,
+                     "backbone_weights": backbone.weights_label},
+        )
+        result = ProductResult(
+            product=product, status="ok", version=version, epochs=state.epoch + 1,
+            steps=state.step, best_epoch=state.best_epoch, metrics=state.best_metrics,
+            threshold=state.calibration["threshold"], quarantined=len(data.quarantine),
+            stopped=state.stopped, start=t0)
+        progress(product, f"registered version {version} (best epoch {state.best_epoch + 1}, "
+                          f"threshold {result.threshold:.4f})")
+    except Exception as exc:  # one product's failure never stops the others
+        result.error = storage.redact(f"{type(exc).__name__}: {exc}")
+        progress(product, f"FAILED: {result.error}")
+        traceback.print_exc()
+    result.end = time.time()
+    result.wall_s = round(result.end - t0, 1)
+    return result
+
+
+# ----------------------------------------------------------------------------- all products
+
+
+def new_run_id() -> str:
+    return time.strftime("train-%Y%m%d-%H%M%S", time.gmtime())
+
+
+def _product_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: one product's driver. Writes its result as JSON, then reports."""
+    from ray import tune
+
+    quiet_ray_data()
+    cfg = from_dict(config["cfg"])
+    catalog = ray.get(config["catalog"])
+    result = train_product(cfg, config["product"], catalog, config["run_id"], config["others"])
+    doc = asdict(result)
+    storage.write_text(storage.join(config["summary_uri"], f"{result.product}.json"),
+                       json.dumps(doc, indent=1, default=_json_default), cfg.storage)
+    with tempfile.TemporaryDirectory() as d:
+        # Tune keeps trial metrics only when reported with a checkpoint (Ray 2.60).
+        with open(os.path.join(d, "result.json"), "w") as f:
+            json.dump(doc, f, default=_json_default)
+        tune.report({"ok": int(result.status == "ok")},
+                    checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def max_concurrent_products(cfg: Config, n_products: int) -> int:
+    """How many products fit at once: each holds its workers, its feature actor and a driver."""
+    if cfg.train.max_concurrent_products:
+        return max(1, min(cfg.train.max_concurrent_products, n_products))
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    tc = cfg.train
+    per_product = (tc.driver_cpus + tc.num_workers * tc.cpus_per_worker
+                   + tc.feature_actors * tc.feature_actor_cpus + 2 * cfg.data.task_cpus)
+    return max(1, min(n_products, int(cpus // per_product)))
+
+
+def train_all(cfg: Config, products: list[str] | None = None, run_id: str | None = None
+              ) -> list[ProductResult]:
+    """Train every product of the catalog in parallel; returns one result per product.
+
+    Writes ``<runs_uri>/<run_id>/summary/<product>.json`` as products finish and
+    ``<runs_uri>/<run_id>/summary.json`` plus ``<models_uri>/_runs/<run_id>.json`` at the end.
+    """
+    from ray import tune
+
+    from prn_ray.catalog import build_catalog
+
+    run_id = run_id or new_run_id()
+    catalog = build_catalog(cfg)
+    for problem in catalog.problems:
+        progress("catalog", problem)
+    wanted = products or cfg.data.products or catalog.products
+    missing = sorted(set(wanted) - set(catalog.products))
+    if missing:
+        raise ValueError(f"unknown product(s) {missing}; the catalog has {catalog.products}")
+    frame = catalog.df[catalog.df["split"] != "test"].reset_index(drop=True)  # never train on test
+    others = {p: frame[(frame["product"] == p) & (frame["split"] == "train")
+                       & (frame["label"] == "normal")]["image_uri"].tolist()
+              for p in catalog.products}
+    summary_uri = storage.join(cfg.storage.runs_uri, run_id, "summary")
+    concurrency = max_concurrent_products(cfg, len(wanted))
+    progress("train_all", f"run {run_id}: {len(wanted)} product(s) {wanted}, "
+                          f"{concurrency} at a time")
+    fs, path = _storage_filesystem(cfg, storage.join(cfg.storage.runs_uri, run_id))
+    tuner = tune.Tuner(
+        tune.with_resources(_product_trial, {"cpu": cfg.train.driver_cpus}),
+        param_space={
+            "product": tune.grid_search(list(wanted)),
+            "cfg": cfg.to_dict(), "catalog": ray.put(frame), "run_id": run_id,
+            "others": others, "summary_uri": summary_uri,
+        },
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name="products", storage_path=path, storage_filesystem=fs,
+                                  verbose=0),
+    )
+    tuner.fit()
+    results = []
+    for product in wanted:
+        uri = storage.join(summary_uri, f"{product}.json")
+        if storage.exists(uri, cfg.storage):
+            results.append(ProductResult(**json.loads(storage.read_text(uri, cfg.storage))))
+        else:  # the trial itself died (e.g. its process was killed) before writing a result
+            results.append(ProductResult(product=product, status="failed",
+                                         error="trial died before reporting (see Ray logs)"))
+    table = [asdict(r) for r in results]
+    doc = json.dumps({"run_id": run_id, "products": table}, indent=1, default=_json_default)
+    storage.write_text(storage.join(cfg.storage.runs_uri, run_id, "summary.json"), doc, cfg.storage)
+    storage.write_text(storage.join(cfg.storage.models_uri, "_runs", f"{run_id}.json"), doc,
+                       cfg.storage)
+    return results
+
+
+def format_summary(results: list[ProductResult]) -> str:
+    """The final table a person reads at the end of a run."""
+    head = (f"{'product':<16} {'status':<7} {'epochs':>6} {'best':>5} {'val pAP':>8} "
+            f"{'val AUPRO':>9} {'val iAUROC':>10} {'wall s':>7}  version / error")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        m = r.metrics or {}
+
+        def f(k: str) -> str:
+            v = m.get(k)
+            return f"{v:.3f}" if isinstance(v, (int, float)) and not math.isnan(v) else "-"
+
+        tail = r.version if r.status == "ok" else (r.error or "")[:80]
+        lines.append(f"{r.product:<16} {r.status:<7} {r.epochs:>6} {r.best_epoch + 1:>5} "
+                     f"{f('val_pixel_ap'):>8} {f('val_aupro'):>9} {f('val_image_auroc'):>10} "
+                     f"{r.wall_s:>7.0f}  {tail}")
+    return "\n".join(lines)

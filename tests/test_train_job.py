@@ -1,0 +1,185 @@
+"""The headline job end to end on a real local Ray and the loopback S3 server.
+
+One run trains three products at once: two healthy ones and one whose normal images are all
+corrupt. It checks that the healthy products overlap in time, the broken one fails alone with
+its reason, the registry layout matches the contract, and training never read the test split
+(every test image is made unreadable first). A second run kills a training worker process
+mid-run and checks the product finishes from its checkpoint, not from epoch 0.
+
+Backbone weights are random (configs/tiny.yaml: model.weights=none) — these tests exercise the
+machinery, not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prn_ray import registry, storage
+from prn_ray.config import load_config
+from prn_ray.demo_data import make_dataset
+from prn_ray.pipeline import images_to_tensor
+from prn_ray.training import STATE_FILE, train_all
+
+from conftest import REPO, new_bucket
+
+TINY = REPO / "configs" / "tiny.yaml"
+pytestmark = pytest.mark.timeout(900)
+
+
+def tiny_config(bucket: str, *extra: str):
+    return load_config(TINY, [
+        f"data.root={bucket}/data",
+        f"storage.models_uri={bucket}/models",
+        f"storage.runs_uri={bucket}/runs",
+        *extra,
+    ])
+
+
+def _corrupt(uris: list[str], payload: bytes) -> None:
+    for uri in uris:
+        storage.write_bytes(uri, payload)
+
+
+@pytest.fixture(scope="module")
+def trained(s3_endpoint, ray_local):
+    """Three products on S3: fabric and bottle_cap healthy, wood_panel with corrupt normals."""
+    bucket = new_bucket(s3_endpoint, "train")
+    make_dataset(f"{bucket}/data", products=("fabric", "bottle_cap", "wood_panel"), n_train=14,
+                 n_good_test=3, n_defect_test=8, image_size=64)
+    # Every test image of every product becomes unreadable: training must never open one.
+    test_uris = storage.list_files(f"{bucket}/data", recursive=True)
+    test_uris = [u for u in test_uris if "/test/" in u]
+    _corrupt(test_uris, b"this is not an image")
+    broken = storage.list_files(f"{bucket}/data/wood_panel/train/good")
+    _corrupt(broken, b"")
+    cfg = tiny_config(bucket)
+    results = train_all(cfg, run_id="run-a")
+    return cfg, {r.product: r for r in results}, test_uris
+
+
+def test_products_train_concurrently_and_failures_stay_isolated(trained):
+    cfg, results, _ = trained
+    assert results["fabric"].status == "ok", results["fabric"].error
+    assert results["bottle_cap"].status == "ok", results["bottle_cap"].error
+    bad = results["wood_panel"]
+    assert bad.status == "failed"
+    assert "no readable normal training image" in bad.error
+    # The two healthy products ran at the same time: each started before the other ended.
+    a, b = results["fabric"], results["bottle_cap"]
+    assert max(a.start, b.start) < min(a.end, b.end)
+    overlap = min(a.end, b.end) - max(a.start, b.start)
+    assert overlap > 0.5 * min(a.wall_s, b.wall_s)
+
+
+def test_training_never_reads_the_test_split(trained):
+    cfg, results, test_uris = trained
+    assert test_uris
+    for product in ("fabric", "bottle_cap"):
+        version = registry.load(cfg.storage, product)
+        quarantined = [q["image_uri"] for q in version.metrics["quarantined"]]
+        assert not set(quarantined) & set(test_uris)
+        assert results[product].quarantined == 0
+    # The broken product's corrupt normals were reported, not silently dropped.
+    summary = json.loads(storage.read_text(f"{cfg.storage.runs_uri}/run-a/summary.json"))
+    assert {p["product"] for p in summary["products"]} == {"fabric", "bottle_cap", "wood_panel"}
+
+
+def test_registry_layout_and_loading(trained):
+    cfg, results, _ = trained
+    for product in ("fabric", "bottle_cap"):
+        version = results[product].version
+        root = f"{cfg.storage.models_uri}/{product}"
+        assert storage.read_text(f"{root}/LATEST").strip() == version
+        names = {u.rsplit("/", 1)[1] for u in storage.list_files(f"{root}/{version}")}
+        assert names == set(registry.REQUIRED_FILES)
+        assert registry.list_versions(cfg.storage, product) == [version]
+        mv = registry.load(cfg.storage, product)
+        assert mv.version == version and mv.image_size == 64
+        assert mv.calibration["rule"] in ("f1", "fpr") and np.isfinite(mv.threshold)
+        assert mv.metrics["epochs"] == cfg.train.epochs
+        assert [h["epoch"] for h in mv.metrics["history"]] == list(range(cfg.train.epochs))
+        assert "val_pixel_ap" in mv.metrics["validation"]
+        # The registered model is self-contained: build it and score an image.
+        prn = mv.build()
+        x = images_to_tensor(np.full((2, 64, 64, 3), 128, np.uint8))
+        with torch.no_grad():
+            out = prn(x)
+        assert out.anomaly_map.shape == (2, 1, 64, 64)
+        assert torch.isfinite(out.score).all()
+    with pytest.raises(registry.RegistryError, match="no model registered"):
+        registry.load(cfg.storage, "wood_panel")
+    # Versions are immutable.
+    mv = registry.load(cfg.storage, "fabric")
+    with pytest.raises(registry.RegistryError, match="immutable"):
+        registry.publish(cfg, "fabric", head_state=mv.head_state, backbone_state=mv.backbone_state,
+                         image_size=64, calibration=mv.calibration, metrics={},
+                         version=mv.version)
+
+
+def test_run_summary_is_written_without_credentials(trained):
+    cfg, _, _ = trained
+    text = storage.read_text(f"{cfg.storage.models_uri}/_runs/run-a.json")
+    doc = json.loads(text)
+    assert [p["status"] for p in sorted(doc["products"], key=lambda p: p["product"])] == [
+        "ok", "ok", "failed"]
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text
+
+
+# ----------------------------------------------------------------------------- fault tolerance
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"RayTrainWorker" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_killed_worker_resumes_from_checkpoint(tmp_path, ray_local):
+    """SIGKILL the training worker after its first checkpoint; the run must finish from it."""
+    root = tmp_path / "data"
+    make_dataset(str(root), products=("fabric",), n_train=14, n_good_test=2, n_defect_test=6,
+                 image_size=64)
+    epochs = 4
+    cfg = load_config(TINY, [f"data.root={root}", f"storage.models_uri={tmp_path}/models",
+                             f"storage.runs_uri={tmp_path}/runs", f"train.epochs={epochs}"])
+    run_dir = tmp_path / "runs" / "run-kill-fabric"
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            if any((d / STATE_FILE).exists() for d in run_dir.glob("checkpoint_*")):
+                for pid in _train_worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    (result,) = train_all(cfg, run_id="run-kill")
+    t.join(timeout=5)
+    assert killed, "the training worker was never killed (no checkpoint appeared?)"
+    assert result.status == "ok", result.error
+    mv = registry.load(cfg.storage, "fabric")
+    epochs_seen = [h["epoch"] for h in mv.metrics["history"]]
+    # Resumed after the checkpointed epoch: every epoch once, none replayed from epoch 0.
+    assert epochs_seen == list(range(epochs))
+    assert mv.metrics["restarts"] == 1
+    assert mv.metrics["steps"] == result.steps > 0
