@@ -133,25 +133,19 @@ def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def last_completed_epoch(run_uri: str, cfg: Config) -> int:
     """Epoch of the run's latest *registered* checkpoint (-1 if none): where data resumes.
 
-    Ray Train's checkpoint-manager snapshot lists the checkpoints it registered (with the
-    metrics we reported, ``epoch`` among them), which is exactly what ``get_checkpoint()``
-    hands the restarted workers. A checkpoint copied to storage but never registered (worker
-    killed in between) is ignored, so data and model state cannot disagree. Without a snapshot
-    we fall back to the checkpoints' own ``state.json``.
+    Ray Train's checkpoint-manager snapshot lists the checkpoints it registered, with the
+    metrics we reported (``epoch`` among them): exactly what ``get_checkpoint()`` hands the
+    restarted workers. Checkpoint folders on storage that are not in it (a worker killed
+    between upload and registration) are ignored, so data and model state cannot disagree.
     """
     snapshot = storage.join(run_uri, "checkpoint_manager_snapshot.json")
-    if storage.exists(snapshot, cfg.storage):
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            doc = json.loads(storage.read_text(snapshot, cfg.storage))
-            epochs = [int(r["metrics"]["epoch"]) for r in doc["checkpoint_results"]]
-            return max(epochs, default=-1)
-    best = -1
-    for name in storage.list_dirs(run_uri, cfg.storage):
-        uri = storage.join(run_uri, name, STATE_FILE)
-        if name.startswith("checkpoint") and storage.exists(uri, cfg.storage):
-            with contextlib.suppress(ValueError, KeyError):
-                best = max(best, int(json.loads(storage.read_text(uri, cfg.storage))["epoch"]))
-    return best
+    if not storage.exists(snapshot, cfg.storage):
+        return -1
+    try:
+        doc = json.loads(storage.read_text(snapshot, cfg.storage))
+        return max((int(r["metrics"]["epoch"]) for r in doc["checkpoint_results"]), default=-1)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RuntimeError(f"unreadable checkpoint snapshot {snapshot}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- validation
@@ -291,80 +285,101 @@ def _stop_everywhere(flag: bool, world: int) -> bool:
     return bool(t.item())
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: PRN head on the features streamed by the ``train`` dataset shard."""
-    import ray.train
-    import ray.train.torch
+class HeadTrainer:
+    """Optimisation of one PRN head: steps, epoch ends (validation, best-epoch selection,
+    calibration, stopping) and checkpoint state. Shared by the Ray Train worker loop and the
+    single-process loop (:func:`train_local`), so both train exactly the same way.
 
-    cfg = from_dict(config["cfg"])
-    product = config["product"]
-    tc = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(tc.torch_threads or max(1, round(tc.cpus_per_worker)))
-    torch.manual_seed(tc.seed + rank)
-    np.random.seed(tc.seed + rank)
-    device = ray.train.torch.get_device()
-    precision = resolve_precision(tc.precision, device)
-    say = (lambda msg: progress(product, msg)) if rank == 0 else (lambda msg: None)
+    ``report(record, stop)`` is called at every epoch end that validated or stops; the Ray
+    loop turns it into ``ray.train.report`` with a checkpoint.
+    """
 
-    head = PRNHead(cfg.model, config["channels"], config["image_size"], config["feature_sizes"])
-    if cfg.model.use_prototypes:
-        head.set_prototypes(ray.get(config["prototypes"]))
-    head = head.to(device)
-    if tc.channels_last and device.type == "cpu":
-        head = head.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(head.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    loss_fn = PRNLoss.from_config(tc)
+    def __init__(self, head: PRNHead, cfg: Config, device: torch.device, epoch_rows: int,
+                 world: int = 1, say=lambda msg: None):
+        tc = cfg.train
+        self.cfg, self.device, self.world, self.say = cfg, device, world, say
+        self.precision = resolve_precision(tc.precision, device)
+        self.head = head.to(device)
+        if tc.channels_last and device.type == "cpu":
+            self.head = self.head.to(memory_format=torch.channels_last)
+        self.model: torch.nn.Module = self.head
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=tc.lr,
+                                          weight_decay=tc.weight_decay)
+        self.loss_fn = PRNLoss.from_config(tc)
+        self.state, self.best = TrainState(), None
+        self.epoch_rows = epoch_rows
+        self.steps_per_epoch = max(1, epoch_rows // (tc.batch_size * world))
+        self.total_steps = self.steps_per_epoch * tc.epochs
+        if tc.max_steps:
+            self.total_steps = min(self.total_steps, tc.max_steps)
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.val: ValidationSet | None = None
 
-    state, best = TrainState(), None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state, best = load_checkpoint(d, head, optimizer)
-        state.restarts += 1
-        say(f"resumed from checkpoint after epoch {state.epoch} (step {state.step})")
+    # -- state ------------------------------------------------------------------------------
 
-    rows_per_epoch = config["epoch_rows"]
-    steps_per_epoch = max(1, rows_per_epoch // (tc.batch_size * world))
-    total_steps = steps_per_epoch * tc.epochs
-    if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, tc.schedule),
-        last_epoch=state.step - 1 if state.step else -1,
-    )
-    model = ray.train.torch.prepare_model(head) if world > 1 else head
+    def restore(self, directory: str) -> None:
+        self.state, self.best = load_checkpoint(directory, self.head, self.optimizer)
+        self.state.restarts += 1
 
-    val = ValidationSet.from_shard(ray.train.get_dataset_shard("val"))
-    shard = ray.train.get_dataset_shard("train")
-    say(f"training: {rows_per_epoch} samples/epoch, {steps_per_epoch} steps/epoch, "
-        f"budget {total_steps} steps, {len(val)} validation images, {device} {precision}")
+    def save(self, directory: str) -> None:
+        save_checkpoint(directory, self.head, self.best, self.optimizer, self.state)
 
-    def end_epoch(epoch: int, running: dict[str, float]) -> bool:
-        """Validate/checkpoint/report as configured. Returns True when training should stop."""
+    def _start(self) -> None:
+        tc = self.cfg.train
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, tc.warmup_steps, tc.schedule),
+            last_epoch=self.state.step - 1 if self.state.step else -1,
+        )
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def step(self, feats: list[torch.Tensor], mask: torch.Tensor) -> float:
+        tc = self.cfg.train
+        if tc.channels_last and self.device.type == "cpu":
+            feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+        target = mask.float()[:, None]
+        with _autocast(self.device, self.precision):
+            logits = self.model(feats)
+        loss = self.loss_fn(logits.float(), target).total
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.state.step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.head.parameters(), tc.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.step += 1
+        return float(loss.detach())
+
+    # -- epoch end --------------------------------------------------------------------------
+
+    def validate(self) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+        maps = predict_maps(self.head, self.val.features, self.cfg.train.batch_size, self.device,
+                            self.precision)
+        return validation_metrics(maps, self.val, self.cfg)
+
+    def end_epoch(self, epoch: int, mean_loss: float, report) -> bool:
+        """Validate/select/calibrate as configured, call ``report``. True = stop training."""
+        tc, state = self.cfg.train, self.state
         state.epoch = epoch
-        state.elapsed_s += time.time() - t_mark[0]
-        t_mark[0] = time.time()
-        last = state.step >= total_steps or epoch >= tc.epochs - 1
+        state.elapsed_s += time.time() - self._mark
+        self._mark = time.time()
+        last = state.step >= self.total_steps or epoch >= tc.epochs - 1
         over_time = bool(tc.time_budget_s and state.elapsed_s >= tc.time_budget_s)
         due = (epoch + 1) % tc.val_every_epochs == 0 or last or over_time
         record: dict[str, Any] = {"epoch": epoch, "step": state.step,
-                                  "lr": optimizer.param_groups[0]["lr"],
-                                  "loss": running["loss"] / max(1, running["n"]),
+                                  "lr": self.optimizer.param_groups[0]["lr"], "loss": mean_loss,
                                   "elapsed_s": round(state.elapsed_s, 1)}
         stop = last or over_time
         if due:
-            nonlocal best
-            maps = predict_maps(head, val.features, tc.batch_size, device, precision)
-            vm, scores, labels = validation_metrics(maps, val, cfg)
+            vm, scores, labels = self.validate()
             record.update(vm)
-            key = _selection_key(cfg)
-            score = vm.get(key, vm.get("val_pixel_ap", math.nan))
+            score = vm.get(_selection_key(self.cfg), vm.get("val_pixel_ap", math.nan))
             if not math.isnan(score) and score > state.best_score:
                 state.best_score, state.best_epoch, state.best_metrics = score, epoch, vm
-                state.calibration = calibrate(scores, labels, val.groups.numpy(), cfg)
-                best = _cpu_state(head.state_dict())
+                state.calibration = calibrate(scores, labels, self.val.groups.numpy(), self.cfg)
+                self.best = _cpu_state(self.head.state_dict())
                 state.stale_validations = 0
             else:
                 state.stale_validations += 1
@@ -372,67 +387,90 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 stop, state.stopped = True, "early_stop"
         if over_time and not state.stopped:
             state.stopped = "time_budget"
-        stop = _stop_everywhere(stop, world)
+        stop = _stop_everywhere(stop, self.world)
         state.history.append(record)
         shown = {k: record[k] for k in ("val_pixel_ap", "val_aupro", "val_image_auroc",
                                        "val_real_pixel_ap") if k in record}
-        say(f"epoch {epoch + 1}/{tc.epochs} step {state.step}/{total_steps} "
-            f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
-            + " ".join(f"{k} {v:.3f}" for k, v in shown.items())
-            + f" ({state.elapsed_s:.0f}s)")
+        self.say(f"epoch {epoch + 1}/{tc.epochs} step {state.step}/{self.total_steps} "
+                 f"loss {mean_loss:.4f} lr {record['lr']:.2e} "
+                 + " ".join(f"{k} {v:.3f}" for k, v in shown.items())
+                 + f" ({state.elapsed_s:.0f}s)")
         if due or stop:
-            report = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-            report.update(best_score=state.best_score if state.best_epoch >= 0 else math.nan,
-                          best_epoch=state.best_epoch)
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
-                if rank == 0:
-                    save_checkpoint(d, head, best, optimizer, state)
-                    ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(report, checkpoint=ckpt)
+            out = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            out.update(best_score=state.best_score if state.best_epoch >= 0 else math.nan,
+                       best_epoch=state.best_epoch)
+            report(out)
         return stop
 
-    t_mark = [time.time()]
-    running = {"loss": 0.0, "n": 0}
-    epoch = state.epoch + 1
-    step_in_epoch = 0
-    first = True
-    model.train()
-    stopped = state.step >= total_steps
-    for batch in ([] if stopped else shard.iter_torch_batches(
-            batch_size=tc.batch_size, drop_last=True, device=device, prefetch_batches=2)):
-        if first:
-            # The dataset resumes at the epoch after its last checkpoint; trust the data.
-            epoch = int(batch["epoch"].min())
-            first = False
-        feats = [batch[c] for c in FEATURE_COLUMNS]
-        if tc.channels_last and device.type == "cpu":
-            feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
-        target = batch["mask"].float()[:, None]
-        with _autocast(device, precision):
-            logits = model(feats)
-        loss = loss_fn(logits.float(), target).total
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {state.step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(head.parameters(), tc.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        state.step += 1
-        step_in_epoch += 1
-        running["loss"] += float(loss.detach())
-        running["n"] += 1
-        if step_in_epoch >= steps_per_epoch or state.step >= total_steps:
-            if end_epoch(epoch, running):
-                stopped = True
-                break
-            epoch += 1
-            step_in_epoch = 0
-            running = {"loss": 0.0, "n": 0}
-    if not stopped and running["n"]:
-        end_epoch(epoch, running)  # data ran out mid-epoch (e.g. images dropped as unreadable)
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(self, batches, report) -> TrainState:
+        """Consume batches (dicts with ``feat0..3``, ``mask``, ``epoch``) until the budget."""
+        self._start()
+        self._mark = time.time()
+        loss_sum, n, in_epoch = 0.0, 0, 0
+        epoch = self.state.epoch + 1
+        first, stopped = True, self.state.step >= self.total_steps
+        self.model.train()
+        for batch in ([] if stopped else batches):
+            if first:
+                # The dataset resumes at the epoch after its last checkpoint; trust the data.
+                epoch, first = int(batch["epoch"].min()), False
+            loss_sum += self.step([batch[c] for c in FEATURE_COLUMNS], batch["mask"])
+            n, in_epoch = n + 1, in_epoch + 1
+            if in_epoch >= self.steps_per_epoch or self.state.step >= self.total_steps:
+                if self.end_epoch(epoch, loss_sum / n, report):
+                    stopped = True
+                    break
+                epoch, in_epoch, loss_sum, n = epoch + 1, 0, 0.0, 0
+        if not stopped and n:
+            self.end_epoch(epoch, loss_sum / n, report)  # data ran out mid-epoch
+        return self.state
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: PRN head on the features streamed by the ``train`` dataset shard."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(config["cfg"])
+    product, tc = config["product"], cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(tc.torch_threads or max(1, round(tc.cpus_per_worker)))
+    torch.manual_seed(tc.seed + rank)
+    np.random.seed(tc.seed + rank)
+    device = ray.train.torch.get_device()
+    say = (lambda msg: progress(product, msg)) if rank == 0 else (lambda msg: None)
+
+    head = PRNHead(cfg.model, config["channels"], config["image_size"], config["feature_sizes"])
+    if cfg.model.use_prototypes:
+        head.set_prototypes(ray.get(config["prototypes"]))
+    trainer = HeadTrainer(head, cfg, device, config["epoch_rows"], world, say)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.restore(d)
+        say(f"resumed from checkpoint after epoch {trainer.state.epoch} "
+            f"(step {trainer.state.step})")
+    if world > 1:
+        trainer.model = ray.train.torch.prepare_model(trainer.head)
+    trainer.val = ValidationSet.from_shard(ray.train.get_dataset_shard("val"))
+    say(f"training: {trainer.epoch_rows} samples/epoch, {trainer.steps_per_epoch} steps/epoch, "
+        f"budget {trainer.total_steps} steps, {len(trainer.val)} validation images, "
+        f"{device} {trainer.precision}")
+
+    def report(metrics_row: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                trainer.save(d)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics_row, checkpoint=ckpt)
+
+    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=tc.batch_size, drop_last=True, device=device, prefetch_batches=2)
+    trainer.fit(batches, report)
 
 
 # ----------------------------------------------------------------------------- per product
@@ -692,3 +730,75 @@ def format_summary(results: list[ProductResult]) -> str:
                      f"{f('val_pixel_ap'):>8} {f('val_aupro'):>9} {f('val_image_auroc'):>10} "
                      f"{r.wall_s:>7.0f}  {tail}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- single process
+
+
+def _local_feature_batches(frame: pd.DataFrame, banks, cfg: Config, size: int,
+                           backbone: Backbone, batch_size: int, extra: tuple[str, ...] = (),
+                           drop_last: bool = False):
+    """decode -> synthesis -> features in this process (no Ray): batches of torch tensors."""
+    from prn_ray.pipeline import images_to_tensor
+
+    synth = banks.synthesizer(cfg, size)
+    stop = len(frame) - batch_size + 1 if drop_last else len(frame)
+    for i in range(0, max(stop, 0), batch_size):
+        rows = frame.iloc[i:i + batch_size]
+        batch = {c: rows[c].to_numpy() for c in rows.columns}
+        batch = images.decode_batch(batch, storage_cfg=cfg.storage, data_cfg=cfg.data,
+                                    image_size=size)
+        ok = images.error_free(batch["error"])
+        batch = synth({k: v[ok] for k, v in batch.items()})
+        with torch.inference_mode():
+            feats = backbone(images_to_tensor(batch["image"]))
+        out = {c: f.to(torch.float16 if cfg.model.feature_dtype == "float16" else torch.float32)
+               for c, f in zip(FEATURE_COLUMNS, feats)}
+        out["mask"] = torch.from_numpy(np.ascontiguousarray(batch["mask"]))
+        for c in extra:
+            out[c] = torch.as_tensor(np.asarray(batch[c]))
+        yield out
+
+
+def train_local(cfg: Config, catalog: pd.DataFrame, product: str,
+                others: dict[str, list[str]] | None = None, say=lambda msg: None
+                ) -> tuple[HeadTrainer, Backbone]:
+    """Train one product's head in this process, without Ray: the same steps, synthesis,
+    validation and selection as the Ray job. For smoke tests, benchmarks (the "bare loop")
+    and quick experiments; production training is :func:`train_all`."""
+    from prn_ray.pipeline import plan_frame, validation_frame
+
+    tc, size = cfg.train, cfg.data.image_size
+    torch.manual_seed(tc.seed)
+    data = ProductData.from_catalog(catalog, product)
+    banks = build_banks(data, others or {}, cfg, size)
+    backbone = Backbone(cfg.model.backbone, cfg.model.weights, cfg.storage)
+    normals = pd.DataFrame({"image_uri": data.train_normals, "mask_uri": "",
+                            "kind": "normal", "seed": 0, "source_index": -1, "epoch": 0})
+    per_level: list[list[torch.Tensor]] = [[] for _ in range(3)]
+    for b in _local_feature_batches(normals, banks, cfg, size, backbone, tc.batch_size):
+        for j in range(3):
+            per_level[j].append(b[FEATURE_COLUMNS[j]])
+    protos = fit_prototypes([torch.cat(p) for p in per_level], cfg.model.prototype_ratio,
+                            seed=tc.seed, iters=cfg.model.kmeans_iters,
+                            max_images=cfg.model.prototype_max_images)
+    channels, sizes = backbone.channels, backbone.feature_sizes((size, size))
+    head = PRNHead(cfg.model, channels, size, sizes)
+    if cfg.model.use_prototypes:
+        head.set_prototypes(protos)
+    trainer = HeadTrainer(head, cfg, torch.device("cpu"), epoch_size(data, cfg), say=say)
+    vframe = validation_frame(data, banks, cfg)
+    vb = list(_local_feature_batches(vframe, banks, cfg, size, backbone, tc.batch_size,
+                                     extra=("group",)))
+    trainer.val = ValidationSet([torch.cat([b[c] for b in vb]) for c in FEATURE_COLUMNS],
+                                torch.cat([b["mask"] for b in vb]),
+                                torch.cat([b["group"] for b in vb]))
+
+    def batches():
+        for epoch in range(tc.epochs):
+            frame = plan_frame(data, cfg, range(epoch, epoch + 1))
+            yield from _local_feature_batches(frame, banks, cfg, size, backbone, tc.batch_size,
+                                              extra=("epoch",), drop_last=True)
+
+    trainer.fit(batches(), report=lambda row: None)
+    return trainer, backbone

@@ -24,10 +24,11 @@ import pytest
 import torch
 
 from prn_ray import registry, storage
+from prn_ray.catalog import build_catalog
 from prn_ray.config import load_config
 from prn_ray.demo_data import make_dataset
 from prn_ray.pipeline import images_to_tensor
-from prn_ray.training import STATE_FILE, train_all
+from prn_ray.training import train_all
 
 from conftest import REPO, new_bucket
 
@@ -55,13 +56,14 @@ def trained(s3_endpoint, ray_local):
     bucket = new_bucket(s3_endpoint, "train")
     make_dataset(f"{bucket}/data", products=("fabric", "bottle_cap", "wood_panel"), n_train=14,
                  n_good_test=3, n_defect_test=8, image_size=64)
-    # Every test image of every product becomes unreadable: training must never open one.
-    test_uris = storage.list_files(f"{bucket}/data", recursive=True)
-    test_uris = [u for u in test_uris if "/test/" in u]
+    cfg = tiny_config(bucket)
+    # Every test-split image of every product becomes unreadable: training must never open one.
+    # (Seen anomalies live under test/ folders too, but they are training data: split "seen".)
+    catalog = build_catalog(cfg).df
+    test_uris = catalog[catalog["split"] == "test"]["image_uri"].tolist()
     _corrupt(test_uris, b"this is not an image")
     broken = storage.list_files(f"{bucket}/data/wood_panel/train/good")
     _corrupt(broken, b"")
-    cfg = tiny_config(bucket)
     results = train_all(cfg, run_id="run-a")
     return cfg, {r.product: r for r in results}, test_uris
 
@@ -162,10 +164,18 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, ray_local):
     run_dir = tmp_path / "runs" / "run-kill-fabric"
     killed: list[int] = []
 
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+
+    def registered_checkpoints() -> int:
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
     def killer():
         deadline = time.time() + 600
         while time.time() < deadline and not killed:
-            if any((d / STATE_FILE).exists() for d in run_dir.glob("checkpoint_*")):
+            if registered_checkpoints() >= 1:
                 for pid in _train_worker_pids():
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
