@@ -1,7 +1,7 @@
 """Train one PRN per product, all products in parallel, and register the models.
 
     python jobs/train_all.py --config configs/demo.yaml
-    ray job submit --working-dir . -- python jobs/train_all.py --config configs/demo.yaml \
+    ray job submit --working-dir . -- python jobs/train_all.py --config configs/demo.yaml
         --set storage.models_uri=s3://bucket/models --products fabric,wood_panel
 
 Progress lines are per product (``[product] epoch ...``); a final table lists every product's
@@ -20,8 +20,9 @@ except ImportError:  # run from a checkout (ray job submit --working-dir .) with
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prn_ray.cli import config_from_args, job_parser
-from prn_ray.runtime import init_ray
-from prn_ray.training import format_summary, train_all
+from prn_ray.runtime import init_ray, progress
+from prn_ray.training import format_summary, train_all, training_inputs
+from prn_ray.tuning import load_best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,10 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", default=None,
                    help="resume this run (same run id: products continue from their last "
                         "checkpoint) instead of starting a new one")
+    p.add_argument("--use-tuned", metavar="STUDY_ID", default=None,
+                   help="train each product with the best configuration of this tuning study "
+                        "(tune/search.py); products without a result use the config as is")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     init_ray(cfg)
-    results = train_all(cfg, args.products, run_id=args.run_id)
+    overrides = None
+    if args.use_tuned:
+        products = args.products or cfg.data.products or training_inputs(cfg)[2]
+        overrides = load_best(cfg, args.use_tuned, products)
+        for product, hp in sorted(overrides.items()):
+            progress(product, f"tuned configuration from {args.use_tuned}: {hp}")
+    results = train_all(cfg, args.products, run_id=args.run_id, overrides=overrides)
     print(format_summary(results), flush=True)
     return 0 if all(r.status == "ok" for r in results) else 1
 

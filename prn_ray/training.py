@@ -71,6 +71,7 @@ class TrainState:
     stale_validations: int = 0
     stopped: str = ""  # why training stopped early ("" = ran to the end)
     restarts: int = 0
+    node_id: str = ""  # Ray node of the rank-0 worker (placement, for scale checks)
 
     @classmethod
     def from_json(cls, text: str) -> TrainState:
@@ -448,11 +449,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         head.set_prototypes(ray.get(config["prototypes"]))
     trainer = HeadTrainer(head, cfg, device, config["epoch_rows"], world, say)
     checkpoint = ray.train.get_checkpoint()
+    node_id = ray.get_runtime_context().get_node_id()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.restore(d)
         say(f"resumed from checkpoint after epoch {trainer.state.epoch} "
             f"(step {trainer.state.step})")
+    trainer.state.node_id = node_id
     if world > 1:
         trainer.model = ray.train.torch.prepare_model(trainer.head)
     trainer.val = ValidationSet.from_shard(ray.train.get_dataset_shard("val"))
@@ -492,6 +495,7 @@ class ProductResult:
     quarantined: int = 0
     error: str | None = None
     stopped: str = ""
+    node_id: str = ""
 
 
 def _storage_filesystem(cfg: Config, uri: str):
@@ -530,10 +534,12 @@ def compute_prototypes(data: ProductData, cfg: Config, image_size: int
 
 
 def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
-                  others: dict[str, list[str]] | None = None) -> ProductResult:
+                  others: dict[str, list[str]] | None = None, *, publish: bool = True,
+                  callbacks: list | None = None) -> ProductResult:
     """Prototypes -> TorchTrainer -> calibration -> registry, for one product.
 
-    Never raises: failures come back as ``status="failed"`` with the reason.
+    Never raises: failures come back as ``status="failed"`` with the reason. Tuning trials
+    pass ``publish=False`` (nothing is registered) and a ``TuneReportCallback``.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -580,6 +586,7 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
                 name=run_name, storage_path=path, storage_filesystem=fs,
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 failure_config=FailureConfig(max_failures=tc.max_failures),
+                callbacks=callbacks,
             ),
             datasets={"train": train_data,
                       "val": validation_dataset(data, banks, cfg, size)},
@@ -594,23 +601,26 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
         if best is None or state.calibration is None:
             raise RuntimeError("no validation result was ever better than nothing "
                                "(metrics were NaN); nothing to register")
-        backbone = Backbone(cfg.model.backbone, cfg.model.weights, cfg.storage)
-        version = registry.publish(
-            cfg, product, head_state=best, backbone_state=backbone.state_dict(),
-            image_size=size, calibration=state.calibration,
-            metrics={"validation": state.best_metrics, "best_epoch": state.best_epoch,
-                     "epochs": state.epoch + 1, "steps": state.step, "history": state.history,
-                     "restarts": state.restarts, "stopped": state.stopped,
-                     "run_id": run_id, "quarantined": data.quarantine,
-                     "backbone_weights": backbone.weights_label},
-        )
+        version = None
+        if publish:
+            backbone = Backbone(cfg.model.backbone, cfg.model.weights, cfg.storage)
+            version = registry.publish(
+                cfg, product, head_state=best, backbone_state=backbone.state_dict(),
+                image_size=size, calibration=state.calibration,
+                metrics={"validation": state.best_metrics, "best_epoch": state.best_epoch,
+                         "epochs": state.epoch + 1, "steps": state.step,
+                         "history": state.history, "restarts": state.restarts,
+                         "stopped": state.stopped, "run_id": run_id,
+                         "quarantined": data.quarantine,
+                         "backbone_weights": backbone.weights_label},
+            )
         result = ProductResult(
             product=product, status="ok", version=version, epochs=state.epoch + 1,
             steps=state.step, best_epoch=state.best_epoch, metrics=state.best_metrics,
             threshold=state.calibration["threshold"], quarantined=len(data.quarantine),
-            stopped=state.stopped, start=t0)
-        progress(product, f"registered version {version} (best epoch {state.best_epoch + 1}, "
-                          f"threshold {result.threshold:.4f})")
+            stopped=state.stopped, node_id=state.node_id, start=t0)
+        progress(product, (f"registered version {version}" if version else "trained")
+                 + f" (best epoch {state.best_epoch + 1}, threshold {result.threshold:.4f})")
     except Exception as exc:  # one product's failure never stops the others
         result.error = storage.redact(f"{type(exc).__name__}: {exc}")
         progress(product, f"FAILED: {result.error}")
@@ -632,7 +642,7 @@ def _product_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     quiet_ray_data()
-    cfg = from_dict(config["cfg"])
+    cfg = from_dict(config["cfg"]).replace(config["overrides"].get(config["product"], {}))
     catalog = ray.get(config["catalog"])
     result = train_product(cfg, config["product"], catalog, config["run_id"], config["others"])
     doc = asdict(result)
@@ -657,46 +667,48 @@ def max_concurrent_products(cfg: Config, n_products: int) -> int:
     return max(1, min(n_products, int(cpus // per_product)))
 
 
-def train_all(cfg: Config, products: list[str] | None = None, run_id: str | None = None
-              ) -> list[ProductResult]:
+def training_inputs(cfg: Config, products: list[str] | None = None
+                    ) -> tuple[pd.DataFrame, dict[str, list[str]], list[str]]:
+    """The catalog without its test split, every product's train normals (heterologous
+    sources for the others), and the products to train. Test rows never leave this function."""
+    from prn_ray.catalog import build_catalog
+
+    catalog = build_catalog(cfg)
+    for problem in catalog.problems:
+        progress("catalog", problem)
+    wanted = list(products or cfg.data.products or catalog.products)
+    missing = sorted(set(wanted) - set(catalog.products))
+    if missing:
+        raise ValueError(f"unknown product(s) {missing}; the catalog has {catalog.products}")
+    frame = catalog.df[catalog.df["split"] != "test"].reset_index(drop=True)
+    others = {p: frame[(frame["product"] == p) & (frame["split"] == "train")
+                       & (frame["label"] == "normal")]["image_uri"].tolist()
+              for p in catalog.products}
+    return frame, others, wanted
+
+
+def train_all(cfg: Config, products: list[str] | None = None, run_id: str | None = None,
+              overrides: dict[str, dict[str, Any]] | None = None) -> list[ProductResult]:
     """Train every product of the catalog in parallel; returns one result per product.
+
+    ``overrides`` maps a product to dotted config overrides for it alone (e.g. the best
+    configuration a tuning study found, see :func:`prn_ray.tuning.load_best`).
 
     Writes ``<runs_uri>/<run_id>/summary/<product>.json`` as products finish and
     ``<runs_uri>/<run_id>/summary.json`` plus ``<models_uri>/_runs/<run_id>.json`` at the end.
     """
-    from ray import tune
-
-    from prn_ray.catalog import build_catalog
-
     run_id = run_id or new_run_id()
-    catalog = build_catalog(cfg)
-    for problem in catalog.problems:
-        progress("catalog", problem)
-    wanted = products or cfg.data.products or catalog.products
-    missing = sorted(set(wanted) - set(catalog.products))
-    if missing:
-        raise ValueError(f"unknown product(s) {missing}; the catalog has {catalog.products}")
-    frame = catalog.df[catalog.df["split"] != "test"].reset_index(drop=True)  # never train on test
-    others = {p: frame[(frame["product"] == p) & (frame["split"] == "train")
-                       & (frame["label"] == "normal")]["image_uri"].tolist()
-              for p in catalog.products}
+    frame, others, wanted = training_inputs(cfg, products)
     summary_uri = storage.join(cfg.storage.runs_uri, run_id, "summary")
-    concurrency = max_concurrent_products(cfg, len(wanted))
+    done = _finished_products(cfg, summary_uri, wanted)  # a resumed run keeps what succeeded
+    todo = [p for p in wanted if p not in done]
+    concurrency = max_concurrent_products(cfg, max(1, len(todo)))
     progress("train_all", f"run {run_id}: {len(wanted)} product(s) {wanted}, "
-                          f"{concurrency} at a time")
-    fs, path = _storage_filesystem(cfg, storage.join(cfg.storage.runs_uri, run_id))
-    tuner = tune.Tuner(
-        tune.with_resources(_product_trial, {"cpu": cfg.train.driver_cpus}),
-        param_space={
-            "product": tune.grid_search(list(wanted)),
-            "cfg": cfg.to_dict(), "catalog": ray.put(frame), "run_id": run_id,
-            "others": others, "summary_uri": summary_uri,
-        },
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name="products", storage_path=path, storage_filesystem=fs,
-                                  verbose=0),
-    )
-    tuner.fit()
+                          f"{concurrency} at a time"
+                          + (f", {len(done)} already trained in this run" if done else ""))
+    if todo:
+        _run_products(cfg, todo, run_id, frame, others, overrides or {}, summary_uri,
+                      concurrency)
     results = []
     for product in wanted:
         uri = storage.join(summary_uri, f"{product}.json")
@@ -711,6 +723,38 @@ def train_all(cfg: Config, products: list[str] | None = None, run_id: str | None
     storage.write_text(storage.join(cfg.storage.models_uri, "_runs", f"{run_id}.json"), doc,
                        cfg.storage)
     return results
+
+
+def _finished_products(cfg: Config, summary_uri: str, products: list[str]) -> set[str]:
+    done = set()
+    for product in products:
+        uri = storage.join(summary_uri, f"{product}.json")
+        if storage.exists(uri, cfg.storage):
+            if json.loads(storage.read_text(uri, cfg.storage)).get("status") == "ok":
+                done.add(product)
+    return done
+
+
+def _run_products(cfg: Config, products: list[str], run_id: str, frame: pd.DataFrame,
+                  others: dict[str, list[str]], overrides: dict[str, dict[str, Any]],
+                  summary_uri: str, concurrency: int) -> None:
+    """One Tune trial per product (Ray's many-model pattern), ``concurrency`` at a time."""
+    from ray import tune
+
+    fs, path = _storage_filesystem(cfg, storage.join(cfg.storage.runs_uri, run_id))
+    tuner = tune.Tuner(
+        tune.with_resources(_product_trial, {"cpu": cfg.train.driver_cpus}),
+        param_space={
+            "product": tune.grid_search(list(products)),
+            "cfg": cfg.to_dict(), "catalog": ray.put(frame), "run_id": run_id,
+            "overrides": overrides, "others": others, "summary_uri": summary_uri,
+        },
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=time.strftime("products-%Y%m%d-%H%M%S", time.gmtime()),
+                                  storage_path=path, storage_filesystem=fs,
+                                  verbose=0),
+    )
+    tuner.fit()
 
 
 def format_summary(results: list[ProductResult]) -> str:
