@@ -89,6 +89,12 @@ def resolve(uri: str, cfg: StorageConfig | None = None) -> Location:
 
 def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
     loc = resolve(uri, cfg)
+    if loc.scheme == "s3":
+        # open_input_file knows the size (HEAD) and fetches the object in one GET; the S3
+        # input *stream*'s read() grows chunk by chunk: 10x slower from 5 MB, 60x at 40 MB
+        # (model weights) on the loopback server. Same cost for small images.
+        with loc.fs.open_input_file(loc.path) as f:
+            return f.read()
     with loc.fs.open_input_stream(loc.path) as f:
         return f.read()
 

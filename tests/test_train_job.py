@@ -1,10 +1,14 @@
-"""The headline job end to end on a real local Ray and the loopback S3 server.
+"""The headline jobs end to end on a real local Ray and the loopback S3 server.
 
-One run trains three products at once: two healthy ones and one whose normal images are all
-corrupt. It checks that the healthy products overlap in time, the broken one fails alone with
-its reason, the registry layout matches the contract, and training never read the test split
-(every test image is made unreadable first). A second run kills a training worker process
-mid-run and checks the product finishes from its checkpoint, not from epoch 0.
+Every test-split image is made unreadable first, so both jobs below prove they never open one.
+
+* A tiny Tune study (2 products x 4 trials, ASHA) writes each product's best configuration.
+* One ``train_all`` run then trains three products at once from those configurations: two
+  healthy ones and one whose normal images are all corrupt. Checks: the healthy products
+  overlap in time, the broken one fails alone with its reason, the tuned overrides were used,
+  and the registry layout matches the contract.
+* A second run kills a training worker process mid-run and checks the product finishes from
+  its checkpoint, not from epoch 0.
 
 Backbone weights are random (configs/tiny.yaml: model.weights=none) — these tests exercise the
 machinery, not accuracy.
@@ -29,6 +33,7 @@ from prn_ray.config import load_config
 from prn_ray.demo_data import make_dataset
 from prn_ray.pipeline import images_to_tensor
 from prn_ray.training import train_all
+from prn_ray.tuning import load_best, tune_all, tune_root
 
 from conftest import REPO, new_bucket
 
@@ -51,8 +56,8 @@ def _corrupt(uris: list[str], payload: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(s3_endpoint, ray_local):
-    """Three products on S3: fabric and bottle_cap healthy, wood_panel with corrupt normals."""
+def bucket(s3_endpoint):
+    """Three products on S3 (wood_panel's normals corrupt) with an unreadable test split."""
     bucket = new_bucket(s3_endpoint, "train")
     make_dataset(f"{bucket}/data", products=("fabric", "bottle_cap", "wood_panel"), n_train=14,
                  n_good_test=3, n_defect_test=8, image_size=64)
@@ -64,8 +69,51 @@ def trained(s3_endpoint, ray_local):
     _corrupt(test_uris, b"this is not an image")
     broken = storage.list_files(f"{bucket}/data/wood_panel/train/good")
     _corrupt(broken, b"")
-    results = train_all(cfg, run_id="run-a")
+    return bucket, test_uris
+
+
+TUNED = ("fabric", "bottle_cap")
+
+
+@pytest.fixture(scope="module")
+def tuned(bucket, ray_local):
+    bucket, _ = bucket
+    cfg = tiny_config(bucket, "train.epochs=3", "tune.reduction_factor=4", "tune.grace_period=1")
+    docs = tune_all(cfg, list(TUNED), samples=4, study_id="study-a")
+    return cfg, {d["product"]: d for d in docs}
+
+
+@pytest.fixture(scope="module")
+def trained(bucket, tuned, ray_local):
+    bucket, test_uris = bucket
+    cfg = tiny_config(bucket)
+    overrides = load_best(cfg, "study-a", ["fabric", "bottle_cap", "wood_panel"])
+    results = train_all(cfg, run_id="run-a", overrides=overrides)
     return cfg, {r.product: r for r in results}, test_uris
+
+
+def test_tuning_writes_best_configs_and_asha_stops_trials(tuned, bucket):
+    cfg, docs = tuned
+    _, test_uris = bucket
+    stopped = 0
+    for product in TUNED:
+        doc = docs[product]
+        assert "error" not in doc, doc.get("error")
+        best = json.loads(storage.read_text(f"{tune_root(cfg, 'study-a')}/{product}/best.json"))
+        assert best["overrides"] == doc["overrides"]
+        assert set(best["overrides"]) == set(cfg.tune.search_space)
+        assert len(best["trials"]) == 4
+        # One trial is the configuration as given (the baseline of the table).
+        assert any(t["overrides"] == best["default_overrides"] for t in best["trials"])
+        assert best["best_value"] == max(t["best"] for t in best["trials"])
+        assert 0.0 <= best["best_value"] <= 1.0
+        stopped += best["stopped_early"]
+        # Tuning ran although every test image is unreadable: it never opened one.
+        for uri in storage.list_files(f"{tune_root(cfg, 'study-a')}/{product}/trials"):
+            trial = json.loads(storage.read_text(uri))
+            assert trial["quarantined"] == 0
+    assert stopped >= 1, "ASHA stopped no trial early"
+    assert test_uris
 
 
 def test_products_train_concurrently_and_failures_stay_isolated(trained):
@@ -93,6 +141,16 @@ def test_training_never_reads_the_test_split(trained):
     # The broken product's corrupt normals were reported, not silently dropped.
     summary = json.loads(storage.read_text(f"{cfg.storage.runs_uri}/run-a/summary.json"))
     assert {p["product"] for p in summary["products"]} == {"fabric", "bottle_cap", "wood_panel"}
+
+
+def test_final_training_uses_the_tuned_configuration(trained, tuned):
+    cfg, _, _ = trained
+    _, docs = tuned
+    for product in TUNED:
+        mv = registry.load(cfg.storage, product)
+        for key, value in docs[product]["overrides"].items():
+            section, name = key.split(".")
+            assert getattr(getattr(mv.config, section), name) == value, key
 
 
 def test_registry_layout_and_loading(trained):

