@@ -104,7 +104,7 @@ class FeatureExtractor:
     """
 
     def __init__(self, model_cfg: ModelConfig, storage_cfg: StorageConfig, image_size: int,
-                 threads: int = 1, keep_image: bool = False):
+                 threads: int = 1, keep: tuple[str, ...] | None = None):
         from prn_ray.model import Backbone
 
         torch.set_num_threads(max(1, threads))
@@ -114,17 +114,17 @@ class FeatureExtractor:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.dtype = np.float16 if model_cfg.feature_dtype == "float16" else np.float32
         self.image_size = image_size
-        self.keep_image = keep_image
+        self.keep = keep
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = images_to_tensor(batch["image"], self.device)
         feats = self.backbone(x)
-        out = dict(batch)
+        out = {k: v for k, v in batch.items() if k != "image"}
         for name, f in zip(FEATURE_COLUMNS, feats):
             out[name] = f.float().cpu().numpy().astype(self.dtype, copy=False)
-        if not self.keep_image:
-            out.pop("image")
+        if self.keep is not None:  # select here: a select_columns op would want a whole CPU
+            out = {k: out[k] for k in (*self.keep, *FEATURE_COLUMNS)}
         return out
 
 
@@ -135,7 +135,11 @@ def images_to_tensor(batch_images: np.ndarray, device: torch.device | str = "cpu
 
 
 def feature_stage(ds: ray.data.Dataset, cfg: Config, image_size: int,
-                  keep_image: bool = False) -> ray.data.Dataset:
+                  keep: tuple[str, ...] | None = None) -> ray.data.Dataset:
+    """Backbone features (``feat0..3``) for each row; ``keep`` names the other columns kept.
+
+    Every stage of these pipelines requests explicit fractional CPUs: a default 1-CPU
+    operator (``select_columns``, ``filter``) can starve forever on a small busy cluster."""
     gpu = cluster_has_gpu()
     cpus = cfg.train.feature_actor_cpus
     return ds.map_batches(
@@ -145,7 +149,7 @@ def feature_stage(ds: ray.data.Dataset, cfg: Config, image_size: int,
             "storage_cfg": cfg.storage,
             "image_size": image_size,
             "threads": max(1, math.floor(cpus)),
-            "keep_image": keep_image,
+            "keep": keep,
         },
         compute=ray.data.ActorPoolStrategy(size=cfg.train.feature_actors),
         batch_size=cfg.train.feature_batch_size,
@@ -166,12 +170,14 @@ def drop_errors(ds: ray.data.Dataset, cfg: Config) -> ray.data.Dataset:
 
 
 def _frame_dataset(frame: pd.DataFrame, cfg: Config) -> ray.data.Dataset:
-    # Small blocks so decode tasks start early and stream, instead of one big block.
-    # (Split by hand: from_pandas(override_num_blocks=...) breaks on pandas 3.)
+    """A small driver-side table as a dataset of several blocks, so decode tasks stream.
+
+    ``from_items`` builds its blocks in this process. (``from_pandas``/``from_arrow`` run a
+    1-CPU metadata task per block: inside a Train controller or a Tune trial on a busy small
+    cluster that task may never find a free CPU, and the run hangs.)
+    """
     blocks = max(1, min(len(frame) // max(1, cfg.data.read_batch_size), 200))
-    bounds = np.linspace(0, len(frame), blocks + 1).astype(int)
-    parts = [frame.iloc[a:b].reset_index(drop=True) for a, b in zip(bounds[:-1], bounds[1:])]
-    return ray.data.from_pandas([p for p in parts if len(p)] or [frame])
+    return ray.data.from_items(frame.to_dict("records"), override_num_blocks=blocks)
 
 
 # ----------------------------------------------------------------------------- banks
@@ -242,8 +248,7 @@ def prototype_dataset(data: ProductData, cfg: Config, image_size: int) -> ray.da
     """Train normals -> features; keeps ``image_uri`` and ``error`` so bad files are reported."""
     frame = pd.DataFrame({"image_uri": data.train_normals, "mask_uri": ""})
     ds = decode_stage(_frame_dataset(frame, cfg), cfg, image_size)
-    ds = feature_stage(ds, cfg, image_size)
-    return ds.select_columns(["image_uri", "error", *FEATURE_COLUMNS])
+    return feature_stage(ds, cfg, image_size, keep=("image_uri", "error"))
 
 
 def plan_frame(data: ProductData, cfg: Config, epochs: range) -> pd.DataFrame:
@@ -290,8 +295,7 @@ def train_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config, image_s
     ds = drop_errors(ds, cfg)
     ds = ds.map_batches(banks.synthesizer(cfg, image_size), batch_size=cfg.data.read_batch_size,
                         batch_format="numpy", num_cpus=cfg.data.task_cpus)
-    ds = feature_stage(ds, cfg, image_size)
-    return ds.select_columns([*FEATURE_COLUMNS, "mask", "epoch"])
+    return feature_stage(ds, cfg, image_size, keep=("mask", "epoch"))
 
 
 def validation_frame(data: ProductData, banks: SynthesisBanks, cfg: Config) -> pd.DataFrame:
@@ -324,6 +328,5 @@ def validation_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config,
     ds = drop_errors(ds, cfg)
     ds = ds.map_batches(banks.synthesizer(cfg, image_size), batch_size=cfg.data.read_batch_size,
                         batch_format="numpy", num_cpus=cfg.data.task_cpus)
-    ds = feature_stage(ds, cfg, image_size)
-    return ds.select_columns([*FEATURE_COLUMNS, "mask", "group"])
+    return feature_stage(ds, cfg, image_size, keep=("mask", "group"))
 

@@ -29,10 +29,12 @@ def init_ray(cfg: Config) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
+            # The dashboard serves Ray's State API, which Ray Train needs to release the
+            # placement groups of trainers that Tune stopped; it listens on 127.0.0.1 only.
             ray.init(
                 num_cpus=cfg.ray.num_cpus,
                 dashboard_host=cfg.ray.dashboard_host,
-                include_dashboard=False,
+                include_dashboard=True,
                 log_to_driver=True,
             )
     quiet_ray_data()

@@ -782,7 +782,9 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
         loc = storage.resolve(staging, scfg)
         ds.write_parquet(loc.path, filesystem=loc.fs, partition_cols=[_PIDX],
                          min_bytes_per_file=_STAGING_MIN_FILE_BYTES,
-                         schema=_STAGING_SCHEMA)
+                         schema=_STAGING_SCHEMA,
+                         # explicit: a default 1-CPU write task can starve on a busy cluster
+                         ray_remote_args={"num_cpus": cfg.data.task_cpus})
     summary.pipeline_s = round(time.perf_counter() - t1, 3)
     staged = _staged_by_product(staging, scfg, names) if len(frame) else {}
     stats = _staged_stats([u for fs_ in staged.values() for u in fs_], scfg)

@@ -143,7 +143,9 @@ def run_study(cfg: Config, product: str, catalog: pd.DataFrame, others: dict[str
                 # (Tune ignores max_concurrent_trials with a given BasicVariantGenerator.)
                 search_alg=tune.search.BasicVariantGenerator(
                     points_to_evaluate=[{"hp": default_point(cfg)}], max_concurrent=concurrency),
-                scheduler=ASHAScheduler(metric=metric, mode="max", max_t=reports,
+                # max_t one past the last report: trials end on their own; ASHA only cuts
+                # (stopping a trial at max_t would kill its trainer before it cleans up).
+                scheduler=ASHAScheduler(metric=metric, mode="max", max_t=reports + 1,
                                         grace_period=min(cfg.tune.grace_period, reports),
                                         reduction_factor=cfg.tune.reduction_factor),
             ),

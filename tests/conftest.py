@@ -95,16 +95,20 @@ def s3_bucket(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def ray_local(s3_endpoint):
-    """A real local Ray (2 CPUs, no dashboard) shared by the tests of one session.
+    """A real local Ray (2 CPUs) shared by the tests of one session.
 
-    Started after the S3 server so its workers inherit the endpoint and test credentials.
+    Started after the S3 server so its workers inherit the endpoint and test credentials. The
+    dashboard (127.0.0.1) serves the State API that Ray Train uses to release the placement
+    groups of trainers stopped by Tune.
     """
     import ray
 
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
             log_to_driver=False,
             configure_logging=False,
             runtime_env={"env_vars": _ray_env()},
