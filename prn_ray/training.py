@@ -72,6 +72,7 @@ class TrainState:
     stopped: str = ""  # why training stopped early ("" = ran to the end)
     restarts: int = 0
     node_id: str = ""  # Ray node of the rank-0 worker (placement, for scale checks)
+    first_batch_at: float = 0.0  # unix time of the first training batch (start-up cost)
 
     @classmethod
     def from_json(cls, text: str) -> TrainState:
@@ -364,18 +365,22 @@ class HeadTrainer:
         """Validate/select/calibrate as configured, call ``report``. True = stop training."""
         tc, state = self.cfg.train, self.state
         state.epoch = epoch
-        state.elapsed_s += time.time() - self._mark
-        self._mark = time.time()
+        now = time.time()
+        train_s = now - self._mark  # steps and data waits of this epoch, no validation
+        state.elapsed_s += train_s
+        self._mark = now
         last = state.step >= self.total_steps or epoch >= tc.epochs - 1
         over_time = bool(tc.time_budget_s and state.elapsed_s >= tc.time_budget_s)
         due = (epoch + 1) % tc.val_every_epochs == 0 or last or over_time
         record: dict[str, Any] = {"epoch": epoch, "step": state.step,
                                   "lr": self.optimizer.param_groups[0]["lr"], "loss": mean_loss,
-                                  "elapsed_s": round(state.elapsed_s, 1)}
+                                  "elapsed_s": round(state.elapsed_s, 1),
+                                  "train_s": round(train_s, 3)}
         stop = last or over_time
         if due:
             vm, scores, labels = self.validate()
             record.update(vm)
+            record["val_s"] = round(time.time() - now, 3)
             score = vm.get(_selection_key(self.cfg), vm.get("val_pixel_ap", math.nan))
             if not math.isnan(score) and score > state.best_score:
                 state.best_score, state.best_epoch, state.best_metrics = score, epoch, vm
@@ -401,6 +406,8 @@ class HeadTrainer:
             out.update(best_score=state.best_score if state.best_epoch >= 0 else math.nan,
                        best_epoch=state.best_epoch)
             report(out)
+        state.elapsed_s += time.time() - self._mark  # validation and reporting count too
+        self._mark = time.time()
         return stop
 
     # -- the loop ---------------------------------------------------------------------------
@@ -417,6 +424,7 @@ class HeadTrainer:
             if first:
                 # The dataset resumes at the epoch after its last checkpoint; trust the data.
                 epoch, first = int(batch["epoch"].min()), False
+                self.state.first_batch_at = self.state.first_batch_at or time.time()
             loss_sum += self.step([batch[c] for c in FEATURE_COLUMNS], batch["mask"])
             n, in_epoch = n + 1, in_epoch + 1
             if in_epoch >= self.steps_per_epoch or self.state.step >= self.total_steps:
@@ -496,6 +504,7 @@ class ProductResult:
     error: str | None = None
     stopped: str = ""
     node_id: str = ""
+    startup_s: float = 0.0  # trainer.fit() call -> first training batch (fixed cost)
 
 
 def _storage_filesystem(cfg: Config, uri: str):
@@ -592,6 +601,7 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
                       "val": validation_dataset(data, banks, cfg, size)},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
+        t_fit = time.time()
         fit = trainer.fit()
         if fit.checkpoint is None:
             raise RuntimeError(f"training produced no checkpoint ({fit.error})")
@@ -618,7 +628,8 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
             product=product, status="ok", version=version, epochs=state.epoch + 1,
             steps=state.step, best_epoch=state.best_epoch, metrics=state.best_metrics,
             threshold=state.calibration["threshold"], quarantined=len(data.quarantine),
-            stopped=state.stopped, node_id=state.node_id, start=t0)
+            stopped=state.stopped, node_id=state.node_id, start=t0,
+            startup_s=round(state.first_batch_at - t_fit, 1) if state.first_batch_at else 0.0)
         progress(product, (f"registered version {version}" if version else "trained")
                  + f" (best epoch {state.best_epoch + 1}, threshold {result.threshold:.4f})")
     except Exception as exc:  # one product's failure never stops the others

@@ -1,0 +1,122 @@
+"""Shared pieces of the benchmark scripts: a moto S3 server, process-tree memory sampling."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout, uninstalled
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench-key-id")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret-value")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _tree(root: int, exclude: set[int]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in exclude:
+            continue
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _mem_kib(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) in KiB of one process, 0 when it is gone."""
+    pss = rss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+                elif line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+    except OSError:
+        pass
+    return pss, rss
+
+
+class MemorySampler:
+    """Peak summed PSS/RSS of a process tree, sampled in a background thread."""
+
+    def __init__(self, root: int, exclude: set[int], interval: float = 0.25):
+        self.root, self.exclude, self.interval = root, exclude, interval
+        self.peak_pss = self.peak_rss = 0
+        self.peak_procs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> tuple[int, int, int]:
+        pids = _tree(self.root, self.exclude)
+        pss = rss = 0
+        for pid in pids:
+            p, r = _mem_kib(pid)
+            pss, rss = pss + p, rss + r
+        return pss, rss, len(pids)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pss, rss, n = self.sample()
+            self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+            self.peak_procs = max(self.peak_procs, n)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:,.0f} MiB"
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    local = Path(sys.executable).parent / "moto_server"
+    exe = str(local) if local.exists() else shutil.which("moto_server")
+    if exe is None:
+        sys.exit("moto_server not found: pip install -e '.[dev]'")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"http://127.0.0.1:{port}"
+        time.sleep(0.1)
+    proc.kill()
+    sys.exit("moto_server did not start")
