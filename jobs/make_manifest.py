@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     pm.add_argument("--mask-suffix", default="", help="mask name = <id><suffix><mask ext>")
     pm.add_argument("--subdir", default=None, help="folder inside each class folder (e.g. Imgs)")
     pm.add_argument("--test-normal-fraction", type=float, default=0.2)
+    pm.add_argument("--test-normal-order", choices=("random", "last"), default="random",
+                    help="which normals go to test: a seeded random share, or the last ones "
+                         "in name order")
     pm.add_argument("--split-seed", type=int, default=42)
     pm.add_argument("--out", required=True, help="manifest URI ending in .parquet or .csv")
     pm.add_argument("--relative", action="store_true",
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             mask_suffix=args.mask_suffix,
             subdir=args.subdir,
             test_normal_fraction=args.test_normal_fraction,
+            test_normal_order=args.test_normal_order,
             split_seed=args.split_seed,
         )
         unpaired = df.attrs.get("unpaired_masks", [])

@@ -329,6 +329,7 @@ def paired_mask_manifest(
     subdir: str | None = None,
     test_normal_fraction: float = 0.2,
     split_seed: int = 42,
+    test_normal_order: str = "random",
 ) -> pd.DataFrame:
     """Sample table of a "paired-mask folder": ``<root>/<class>/[<subdir>/]<id><image_ext>``
     next to its mask ``<id><mask_suffix><mask_ext>`` in the same directory.
@@ -336,7 +337,10 @@ def paired_mask_manifest(
     Class folders named in ``normal_dirs`` hold normal images (defect_type ``good``); every other
     class folder is a defect type. Splits: normals are sorted and permuted with
     ``RandomState(split_seed)``; ``test_normal_fraction`` of them go to ``test``, the rest to
-    ``train``; all anomalies go to ``test`` (seen anomalies are carved from there by
+    ``train`` (``test_normal_order="last"``: no shuffle, the last ones in sorted order go to
+    ``test``, e.g. the Magnetic-Tile protocol of the time-to-accuracy runs: the first 752 of 952
+    normals by name train, the other 200 test); all anomalies go to ``test`` (seen anomalies
+    are carved from there by
     :func:`assign_splits`). With ``subdir=None`` images are taken at any depth below the class
     folder. ``df.attrs["unpaired_masks"]`` lists masks without an image.
     Example (Magnetic-Tile-Defect): ``root=.../magnetic_tile``, ``normal_dirs=["MT_Free"]``,
@@ -411,7 +415,12 @@ def paired_mask_manifest(
     ordered = _sorted_by_key(df, normal_idx, keys)
     n = len(ordered)
     n_test = int(round(test_normal_fraction * n))
-    perm = np.random.RandomState(split_seed).permutation(n)
+    if test_normal_order == "last":
+        perm = np.arange(n)[::-1]
+    elif test_normal_order == "random":
+        perm = np.random.RandomState(split_seed).permutation(n)
+    else:
+        raise ValueError(f"test_normal_order must be 'random' or 'last', got {test_normal_order!r}")
     test_set = {ordered[j] for j in perm[:n_test]}
     for i in ordered:
         df.at[i, "split"] = "test" if i in test_set else "train"
