@@ -17,20 +17,17 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prn_ray import demo_data, storage
+from prn_ray.cli import names
 from prn_ray.config import StorageConfig
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="dataset root URI (local path or s3://...)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    p.add_argument("--products", type=_names, default=list(demo_data.PRODUCTS),
+    p.add_argument("--products", type=names, default=list(demo_data.PRODUCTS),
                    help=f"comma-separated (default {','.join(demo_data.PRODUCTS)})")
-    p.add_argument("--defects", type=_names, default=list(demo_data.DEFECTS),
+    p.add_argument("--defects", type=names, default=list(demo_data.DEFECTS),
                    help=f"comma-separated (default {','.join(demo_data.DEFECTS)})")
     p.add_argument("--n-train", type=int, default=40, help="normal training images per product")
     p.add_argument("--n-good-test", type=int, default=10, help="normal test images per product")

@@ -22,11 +22,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prn_ray import catalog, storage
+from prn_ray.cli import names
 from prn_ray.config import StorageConfig
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     pm = sub.add_parser("paired-mask", help="<root>/<class>/[subdir/]<id>.<ext> + <id>.<mask ext>")
     pm.add_argument("--root", required=True)
     pm.add_argument("--product", required=True)
-    pm.add_argument("--normal", action="append", type=_names, required=True,
+    pm.add_argument("--normal", action="append", type=names, required=True,
                     help="class folder(s) of normal images (repeat or comma-separate)")
-    pm.add_argument("--image-ext", type=_names, default=[".jpg"], help="default .jpg")
+    pm.add_argument("--image-ext", type=names, default=[".jpg"], help="default .jpg")
     pm.add_argument("--mask-ext", default=".png", help="default .png")
     pm.add_argument("--mask-suffix", default="", help="mask name = <id><suffix><mask ext>")
     pm.add_argument("--subdir", default=None, help="folder inside each class folder (e.g. Imgs)")

@@ -92,13 +92,19 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(type(obj).__name__)
 
 
-def lr_factor(step: int, total_steps: int, warmup: int, schedule: str) -> float:
-    """Linear warm-up, then cosine decay to 1 % (or constant) over the step budget."""
+def lr_factor(step: int, total_steps: int, warmup: int, schedule: str,
+              time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 1 % (or constant) over the budget.
+
+    The budget is whichever runs out first: steps, or wall-clock time (``time_fraction`` =
+    elapsed / time budget), so a run stopped by its time budget has already annealed instead
+    of stopping at a high learning rate.
+    """
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant" or total_steps <= warmup:
         return 1.0
-    t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    t = min(1.0, max((step - warmup) / max(1, total_steps - warmup), time_fraction))
     return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
@@ -316,6 +322,8 @@ class HeadTrainer:
             self.total_steps = min(self.total_steps, tc.max_steps)
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.val: ValidationSet | None = None
+        self._mark = 0.0
+        self.say_every_s = 120.0
 
     # -- state ------------------------------------------------------------------------------
 
@@ -329,9 +337,19 @@ class HeadTrainer:
     def _start(self) -> None:
         tc = self.cfg.train
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, tc.warmup_steps, tc.schedule),
+            self.optimizer,
+            lambda s: lr_factor(s, self.total_steps, tc.warmup_steps, tc.schedule,
+                                self.time_fraction()),
             last_epoch=self.state.step - 1 if self.state.step else -1,
         )
+
+    def elapsed(self) -> float:
+        """Training seconds so far, including the running epoch (restarts keep theirs)."""
+        return self.state.elapsed_s + (time.time() - self._mark if self._mark else 0.0)
+
+    def time_fraction(self) -> float:
+        budget = self.cfg.train.time_budget_s
+        return self.elapsed() / budget if budget else 0.0
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -419,6 +437,7 @@ class HeadTrainer:
         loss_sum, n, in_epoch = 0.0, 0, 0
         epoch = self.state.epoch + 1
         first, stopped = True, self.state.step >= self.total_steps
+        last_say = time.time()
         self.model.train()
         for batch in ([] if stopped else batches):
             if first:
@@ -427,7 +446,13 @@ class HeadTrainer:
                 self.state.first_batch_at = self.state.first_batch_at or time.time()
             loss_sum += self.step([batch[c] for c in FEATURE_COLUMNS], batch["mask"])
             n, in_epoch = n + 1, in_epoch + 1
-            if in_epoch >= self.steps_per_epoch or self.state.step >= self.total_steps:
+            if time.time() - last_say >= self.say_every_s:  # long epochs: show life
+                last_say = time.time()
+                self.say(f"epoch {epoch + 1} step {in_epoch}/{self.steps_per_epoch} "
+                         f"loss {loss_sum / n:.4f} ({self.elapsed():.0f}s)")
+            # A time budget ends the epoch early rather than overshooting by up to an epoch.
+            if (in_epoch >= self.steps_per_epoch or self.state.step >= self.total_steps
+                    or self.time_fraction() >= 1.0):
                 if self.end_epoch(epoch, loss_sum / n, report):
                     stopped = True
                     break

@@ -607,3 +607,76 @@ def test_list_inputs_prefix_and_manifest(tmp_path):
         scoring.list_inputs(str(root / "bad.csv"))
     with pytest.raises(ValueError):
         scoring.check_date("2024-02-30")
+
+
+# ----------------------------------------------------------------------------- evaluation jobs
+
+
+def _job_main(script: str):
+    spec = importlib.util.spec_from_file_location(script, REPO / "jobs" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_evaluate_jobs_agree_with_sklearn(world, capsys):
+    """``jobs/evaluate.py`` on the registered fabric model and on a scoring job's output: the
+    written numbers are recomputed here, independently, with scikit-learn (AUROC, AP) and a
+    from-definition AUPRO, from the maps the job saved / the Parquet rows it read."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from test_metrics import ref_aupro
+
+    tree = f"{world['bucket']}/evaltree"  # a test split the model never saw (seed 11)
+    make_dataset(tree, products=("fabric",), n_train=2, n_good_test=6, n_defect_test=12,
+                 image_size=64, seed=11)
+    sets = ["--config", str(TINY), "--set", f"data.root={tree}",
+            "--set", f"storage.models_uri={world['models']}", "--set", "data.seen_anomalies=2"]
+    out = f"{world['bucket']}/eval"
+    assert _job_main("evaluate")([*sets, "--out", out]) == 0
+    assert "| fabric |" in capsys.readouterr().out
+    doc = json.loads(storage.read_text(f"{out}/results.json"))
+    got = doc["products"]["fabric"]
+    assert got["model_version"] == world["versions"]["fabric"]
+    z = np.load(io.BytesIO(storage.read_bytes(f"{out}/maps/fabric.npz")))
+    labels, scores = z["labels"].astype(bool), z["scores"].astype(np.float64)
+    maps, masks = z["maps"].astype(np.float64), z["masks"].astype(bool)
+    assert len(labels) == 6 + 12 - 2 and labels.sum() == 10  # 2 defects became seen
+    assert masks[~labels].sum() == 0 and all(m.any() for m in masks[labels])
+    assert got["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    assert got["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()),
+                                               abs=1e-6)
+    assert got["pixel_ap"] == pytest.approx(
+        average_precision_score(masks.ravel(), maps.ravel()), abs=1e-6)
+    assert got["aupro"] == pytest.approx(ref_aupro(masks, maps, 0.3), abs=2e-3)
+    assert got["pixel_auroc"] > 0.7  # 30 epochs on ImageNet features: it localises defects
+    assert doc["mean"]["pixel_ap"] == pytest.approx(got["pixel_ap"])
+    assert storage.exists(f"{out}/report.html") and storage.exists(f"{out}/results.md")
+
+    # The nightly path: score the tree, then evaluate the committed Parquet against the masks.
+    scores_out = f"{world['bucket']}/evalscores"
+    assert _job_main("score")([*sets, "--set", f"score.output_uri={scores_out}",
+                               "--input", tree, "--date", DATE]) == 0
+    out2 = f"{world['bucket']}/eval-scores"
+    assert _job_main("evaluate")([*sets, "--scores", scores_out, "--date", DATE,
+                                  "--out", out2]) == 0
+    got2 = json.loads(storage.read_text(f"{out2}/results.json"))["products"]["fabric"]
+    catalog = build_catalog(load_config(TINY, [f"data.root={tree}", "data.seen_anomalies=2"])).df
+    test = catalog[(catalog["product"] == "fabric") & (catalog["split"] == "test")]
+    rows = scoring.read_scores(scores_out, date=DATE).set_index("image_uri").loc[test["image_uri"]]
+    y = (test["label"] == "anomaly").to_numpy()
+    pix_y, pix_s = [], []
+    for uri, mask_uri in zip(test["image_uri"], test["mask_uri"].fillna("")):
+        prob = cv2.imdecode(np.frombuffer(rows.loc[uri, "anomaly_map_png"], np.uint8),
+                            cv2.IMREAD_UNCHANGED)
+        m = np.zeros(prob.shape, bool)
+        if mask_uri:
+            m = cv2.imdecode(np.frombuffer(storage.read_bytes(mask_uri), np.uint8),
+                             cv2.IMREAD_GRAYSCALE) > 127
+        pix_y.append(m.ravel())
+        pix_s.append(prob.ravel())
+    assert got2["image_auroc"] == pytest.approx(roc_auc_score(y, rows["score"]), abs=1e-6)
+    assert got2["pixel_auroc"] == pytest.approx(
+        roc_auc_score(np.concatenate(pix_y), np.concatenate(pix_s)), abs=1e-6)
+    assert got2["pixel_ap"] == pytest.approx(
+        average_precision_score(np.concatenate(pix_y), np.concatenate(pix_s)), abs=1e-6)

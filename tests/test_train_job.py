@@ -2,7 +2,8 @@
 
 Every test-split image is made unreadable first, so both jobs below prove they never open one.
 
-* A tiny Tune study (2 products x 4 trials, ASHA) writes each product's best configuration.
+* A tiny Tune study (2 products x 2 trials, ASHA; one trial is hopeless and must be stopped
+  early) writes each product's best configuration.
 * One ``train_all`` run then trains three products at once from those configurations: two
   healthy ones and one whose normal images are all corrupt. Checks: the healthy products
   overlap in time, the broken one fails alone with its reason, the tuned overrides were used,
@@ -75,16 +76,26 @@ def bucket(s3_endpoint):
 TUNED = ("fabric", "bottle_cap")
 
 
-def _study(bucket: str, study_id: str, samples: int):
-    cfg = tiny_config(bucket, "train.epochs=3", "tune.reduction_factor=4", "tune.grace_period=1")
+def _study(bucket: str, study_id: str, samples: int, *extra: str, space=None):
+    cfg = tiny_config(bucket, "train.epochs=3", "tune.reduction_factor=4", "tune.grace_period=1",
+                      *extra)
+    if space is not None:
+        cfg = cfg.replace({"tune.search_space": space})
     docs = tune_all(cfg, list(TUNED), samples=samples, study_id=study_id)
     return cfg, {d["product"]: d for d in docs}
+
+
+# The small study's sample is made hopeless (it cannot learn at lr 1e-8) and trials run one at a
+# time, so ASHA must stop it at its first rung, behind the configuration as given. Its
+# loss_lambda (2.0) differs from the final run's config (5.0): the final run must take it.
+SMALL_SPACE = {"train.lr": {"choice": [1.0e-8]}, "train.loss_lambda": {"choice": [2.0]}}
 
 
 @pytest.fixture(scope="module")
 def tuned(bucket, ray_local):
     """A small study (2 trials per product: the configuration as given + one sample)."""
-    return _study(bucket[0], "study-a", samples=2)
+    return _study(bucket[0], "study-a", 2, "tune.max_concurrent_trials=1", "train.epochs=4",
+                  "tune.grace_period=2", "train.loss_lambda=2.0", space=SMALL_SPACE)
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +129,15 @@ def _check_study(cfg, docs, study_id: str, samples: int) -> int:
     return stopped
 
 
-def test_tuning_writes_best_configs(tuned, bucket):
+def test_tuning_writes_best_configs_and_asha_stops_the_hopeless_trial(tuned, bucket):
     cfg, docs = tuned
     assert bucket[1]  # the test split exists and is unreadable
-    _check_study(cfg, docs, "study-a", samples=2)
+    assert _check_study(cfg, docs, "study-a", samples=2) == len(TUNED)
+    for product in TUNED:
+        best = json.loads(storage.read_text(f"{tune_root(cfg, 'study-a')}/{product}/best.json"))
+        assert best["overrides"] == {"train.lr": 1e-3, "train.loss_lambda": 2.0}
+        hopeless = next(t for t in best["trials"] if t["overrides"]["train.lr"] == 1e-8)
+        assert hopeless["reports"] < best["max_reports"]  # stopped at its first rung
 
 
 @pytest.mark.heavy
@@ -162,8 +178,10 @@ def test_training_never_reads_the_test_split(trained):
 def test_final_training_uses_the_tuned_configuration(trained, tuned):
     cfg, _, _ = trained
     _, docs = tuned
+    assert cfg.train.loss_lambda == 5.0  # the final run's own config ...
     for product in TUNED:
         mv = registry.load(cfg.storage, product)
+        assert mv.config.train.loss_lambda == 2.0  # ... lost to the tuned value
         for key, value in docs[product]["overrides"].items():
             section, name = key.split(".")
             assert getattr(getattr(mv.config, section), name) == value, key

