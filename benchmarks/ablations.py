@@ -20,6 +20,7 @@ Prints a Markdown table and writes it with the run's JSON under
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import time
 
@@ -76,6 +77,7 @@ def main() -> None:
     if not storage.exists(manifest, cfg.storage):
         storage.write_bytes(manifest, ablation_manifest(catalog.df, product, variants)
                             .to_parquet(index=False), cfg.storage)
+    rows = pd.read_parquet(io.BytesIO(storage.read_bytes(manifest, cfg.storage)))
     names = [f"{product}__{v}" for v in variants]
     cfg = cfg.replace({
         "data.manifest": manifest, "data.root": None, "data.products": names,
@@ -98,8 +100,7 @@ def main() -> None:
     for v, name in zip(variants, names):
         e, r = by_name.get(name), trained.get(name)
         vals = {k: (e.metric(k) if e else float("nan")) for k in COLUMNS}
-        n_seen = int(((pd.read_parquet(storage.open_input(manifest, cfg.storage))
-                       .query("product == @name and split == 'seen'")).shape[0]))
+        n_seen = int(((rows["product"] == name) & (rows["split"] == "seen")).sum())
         doc["rows"][v] = {**vals, "seen_train": n_seen, "steps": r.steps if r else 0,
                           "status": r.status if r else "missing"}
         lines.append(f"| {v} | {n_seen} | {r.steps if r else 0} | "

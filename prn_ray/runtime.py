@@ -45,6 +45,12 @@ def quiet_ray_data() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # The high-memory detector repeats a 15-line warning every 30 s per pipeline for the
+    # backbone actor (~0.8 GiB by design: one frozen backbone each); other detectors stay on.
+    try:
+        ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
+    except AttributeError:  # older Ray without issue detectors
+        pass
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -375,7 +375,6 @@ def test_unreadable_storage_error_is_redacted(monkeypatch, tmp_path):
     assert secret not in out["error"][0]
 
 
-@pytest.mark.heavy
 def test_decode_batch_in_ray_data_from_s3(ray_local, s3_bucket):
     """The UDF in a real Ray Data pipeline reading the loopback S3: error rows are kept."""
     import ray

@@ -6,9 +6,8 @@ and ``wood_panel`` at 96 px (random backbone, 1 epoch: only the per-product imag
 there). The warehouse prefix holds good and defective images of mixed resolutions, every bad
 input of ``tests/test_images.py`` and a product without a model (``metal_plate``).
 
-The unmarked end-to-end test checks the first run row by row; the reruns (same date,
-``--threshold``), the killed job and the incremental runs are ``heavy`` (slower, still run by
-default). Commit-protocol crash points are also checked without Ray, by failing the storage
+The first run is checked row by row; then the reruns (same date, ``--threshold``), a killed
+job, incremental runs and the evaluation jobs run on the same world. Commit-protocol crash points are also checked without Ray, by failing the storage
 calls of a commit one at a time.
 """
 
@@ -251,7 +250,6 @@ def _run_job_here(*args: str) -> int:
     return module.main(list(args))
 
 
-@pytest.mark.heavy
 def test_rerun_same_date_replaces_and_threshold_override(world, first_run, capsys):
     _, before = first_run
     rc = _run_job_here(*_job_args(world, "--threshold", "0.37"))
@@ -326,7 +324,6 @@ def _check_partitions_consistent(world) -> dict[str, dict]:
     return markers
 
 
-@pytest.mark.heavy
 def test_killed_job_never_exposes_half_partitions_and_rerun_heals(world, first_run):
     """A real job process (a driver of the session's Ray) is SIGKILLed between two partition
     commits; readers see whole runs only, and the next run leaves one row per image."""
@@ -377,7 +374,6 @@ def test_killed_job_never_exposes_half_partitions_and_rerun_heals(world, first_r
 # ----------------------------------------------------------------------------- incremental
 
 
-@pytest.mark.heavy
 def test_incremental_skips_already_scored_images(world, first_run):
     truth = world["truth"]
     day2 = "2024-05-02"
