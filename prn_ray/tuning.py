@@ -185,6 +185,7 @@ def tune_all(cfg: Config, products: list[str] | None = None, samples: int | None
              study_id: str | None = None) -> list[dict[str, Any]]:
     """Run one study per product, studies in parallel; returns each product's best.json doc
     (or ``{"product", "error"}`` for a product whose study failed)."""
+    cfg = cfg.with_absolute_paths()  # trials run in their own working directories
     study_id = study_id or time.strftime("study-%Y%m%d-%H%M%S", time.gmtime())
     samples = samples or cfg.tune.num_samples
     frame, others, wanted = training_inputs(cfg, products)
