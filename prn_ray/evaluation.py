@@ -198,7 +198,8 @@ def evaluate_scores(cfg: Config, scores_uri: str, date: str | None = None,
                     products: list[str] | None = None, out_uri: str | None = None,
                     *, report: bool = True) -> tuple[list[ProductEvaluation], str]:
     """Check committed nightly scores against the catalog's ground truth, at each image's own
-    resolution. Images of the output that the catalog does not know are left out (counted)."""
+    resolution. Only the catalog's test split counts: scored images that the catalog does not
+    know, or that were training data (train, seen, val), are left out (counted in ``info``)."""
     from prn_ray.catalog import build_catalog
     from prn_ray.scoring import read_scores
 
@@ -208,7 +209,9 @@ def evaluate_scores(cfg: Config, scores_uri: str, date: str | None = None,
                                       time.strftime("eval-%Y%m%d-%H%M%S", time.gmtime()))
     evaluations = []
     for product, part in rows.groupby("product", sort=True):
-        truth = catalog[catalog["product"] == product].set_index("image_uri")
+        truth = catalog[(catalog["product"] == product)
+                        & (catalog["split"] == "test")].set_index("image_uri")
+        n_rows = len(part)
         part = part[part["error"].isna() & part["image_uri"].isin(truth.index)]
         if part.empty:
             continue
@@ -231,7 +234,8 @@ def evaluate_scores(cfg: Config, scores_uri: str, date: str | None = None,
             defect_types=[str(truth.loc[u, "defect_type"]) for u in part["image_uri"]],
             threshold=float(part["threshold"].iloc[0]),
             model_version=",".join(sorted(part["model_version"].dropna().unique())),
-            info={"rows": len(part), "resolution": "original"})
+            info={"rows": len(part), "resolution": "original",
+                  "left out (error, not in the test split)": n_rows - len(part)})
         evaluations.append(ev)
         progress(product, "scores vs ground truth: " + ", ".join(
             f"{k} {ev.metric(k):.4f}" for k in ("image_auroc", "pixel_auroc", "pixel_ap")))
