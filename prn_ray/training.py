@@ -388,7 +388,7 @@ class HeadTrainer:
         state.elapsed_s += train_s
         self._mark = now
         last = state.step >= self.total_steps or epoch >= tc.epochs - 1
-        over_time = bool(tc.time_budget_s and state.elapsed_s >= tc.time_budget_s)
+        over_time = self.time_fraction() >= 1.0  # one definition of the time budget
         due = (epoch + 1) % tc.val_every_epochs == 0 or last or over_time
         record: dict[str, Any] = {"epoch": epoch, "step": state.step,
                                   "lr": self.optimizer.param_groups[0]["lr"], "loss": mean_loss,
