@@ -68,19 +68,26 @@ def head():
            "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)
+    # Every agent gets its own free port: the defaults (e.g. the dashboard agent's 52365) are
+    # already bound by the local Ray the other tests share, and an agent that cannot bind dies
+    # silently, leaving the head answering "No available agent" forever.
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}",
+                   f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}",
+                   f"--metrics-export-port={free_port()}"]
     started = _ray(["start", "--head", f"--port={port}", f"--dashboard-port={dash}",
                     "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-                    f"--temp-dir={temp_dir}", "--disable-usage-stats"], env, 180)
+                    *agent_ports, f"--temp-dir={temp_dir}", "--disable-usage-stats"], env, 180)
     try:
         assert started.returncode == 0, started.stderr[-2000:]
-        yield f"http://127.0.0.1:{dash}", env
+        yield f"http://127.0.0.1:{dash}", env, temp_dir
     finally:
         _stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_trains_and_registers(head, s3_endpoint):
-    address, env = head
+    address, env, temp_dir = head
     bucket = new_bucket(s3_endpoint, "submit")
     make_dataset(f"{bucket}/data", products=("fabric",), n_train=12, n_good_test=2,
                  n_defect_test=6, image_size=64)
@@ -103,7 +110,10 @@ def test_ray_job_submit_trains_and_registers(head, s3_endpoint):
         if "No available agent" not in out or time.time() > deadline:
             break
         time.sleep(3)
-    assert done.returncode == 0, out[-4000:]
+    if "No available agent" in out:  # say why the agent is missing, not just that it is
+        logs = sorted(Path(temp_dir).glob("session_*/logs/dashboard_agent.log"))
+        out += "\n--- dashboard_agent.log ---\n" + (logs[-1].read_text()[-3000:] if logs else "")
+    assert done.returncode == 0, out[-6000:]
     assert "succeeded" in out
     assert "[fabric] registered version" in out
     # The secret never appears in the job's output.
