@@ -73,6 +73,7 @@ class TrainState:
     restarts: int = 0
     node_id: str = ""  # Ray node of the rank-0 worker (placement, for scale checks)
     first_batch_at: float = 0.0  # unix time of the first training batch (start-up cost)
+    resumes: list[dict[str, int]] = field(default_factory=list)  # data/checkpoint mismatches
 
     @classmethod
     def from_json(cls, text: str) -> TrainState:
@@ -434,15 +435,27 @@ class HeadTrainer:
         """Consume batches (dicts with ``feat0..3``, ``mask``, ``epoch``) until the budget."""
         self._start()
         self._mark = time.time()
-        loss_sum, n, in_epoch = 0.0, 0, 0
-        epoch = self.state.epoch + 1
-        first, stopped = True, self.state.step >= self.total_steps
+        loss_sum, n, in_epoch, skipped = 0.0, 0, 0, 0
+        epoch = self.state.epoch + 1  # the checkpoint, not the data stream, says where we are
+        first = True
+        stopped = (self.state.step >= self.total_steps or epoch >= self.cfg.train.epochs
+                   or bool(self.state.stopped))  # restored from a finished run: nothing to do
         last_say = time.time()
         self.model.train()
         for batch in ([] if stopped else batches):
             if first:
-                # The dataset resumes at the epoch after its last checkpoint; trust the data.
-                epoch, first = int(batch["epoch"].min()), False
+                # The stream restarts at the epoch after the last *registered* checkpoint; if
+                # that is behind the checkpoint we restored, skip what was trained already.
+                if int(batch["epoch"].max()) < epoch:
+                    skipped += 1
+                    continue
+                data_epoch, first = int(batch["epoch"].min()), False
+                if skipped or data_epoch != epoch:
+                    self.say(f"data stream at epoch {data_epoch + 1}, checkpoint after epoch "
+                             f"{epoch}: skipped {skipped} replayed batch(es)")
+                    self.state.resumes.append({"epoch": epoch, "data_epoch": data_epoch,
+                                               "skipped_batches": skipped})
+                epoch = max(epoch, data_epoch)
                 self.state.first_batch_at = self.state.first_batch_at or time.time()
             loss_sum += self.step([batch[c] for c in FEATURE_COLUMNS], batch["mask"])
             n, in_epoch = n + 1, in_epoch + 1
@@ -645,6 +658,7 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
                 metrics={"validation": state.best_metrics, "best_epoch": state.best_epoch,
                          "epochs": state.epoch + 1, "steps": state.step,
                          "history": state.history, "restarts": state.restarts,
+                         "resumes": state.resumes,
                          "stopped": state.stopped, "run_id": run_id,
                          "quarantined": data.quarantine,
                          "backbone_weights": backbone.weights_label},

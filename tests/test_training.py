@@ -18,8 +18,11 @@ from sklearn.metrics import roc_auc_score
 from prn_ray.catalog import build_catalog
 from prn_ray.config import load_config
 from prn_ray.demo_data import make_dataset
-from prn_ray.pipeline import FEATURE_COLUMNS, ProductData, build_banks, plan_frame
-from prn_ray.training import _local_feature_batches, lr_factor, train_local
+from prn_ray.model import PRNHead
+from prn_ray.pipeline import (FEATURE_COLUMNS, GROUP_NORMAL, GROUP_REAL, ProductData,
+                              build_banks, plan_frame)
+from prn_ray.training import (HeadTrainer, ValidationSet, _local_feature_batches,
+                              feature_geometry, lr_factor, train_local)
 
 from conftest import REPO
 
@@ -127,3 +130,58 @@ def test_time_budget_stops_training_annealed(plate):
     # validation (always run at the stop), not at the end of the 1000-epoch budget
     assert trainer.optimizer.param_groups[0]["lr"] < 0.05 * cfg.train.lr  # annealed by time
     assert "val_pixel_ap" in state.history[-1]  # the stopping epoch is validated
+
+
+def test_resume_skips_replayed_epochs_and_does_not_retrain_a_finished_run(tmp_path):
+    """A restarted worker trusts its checkpoint, not the data stream: batches of epochs it has
+    trained already are skipped, and a checkpoint of a finished run trains nothing more.
+    (Random features and random init: this checks the bookkeeping, not learning.)"""
+    cfg = load_config(TINY, ["model.weights=none", "train.epochs=4", "train.val_every_epochs=1"])
+    size, bs, steps = cfg.data.image_size, cfg.train.batch_size, 2
+    channels, sizes = feature_geometry(cfg, size)
+    g = torch.Generator().manual_seed(0)
+
+    def feats(n: int) -> list[torch.Tensor]:
+        return [torch.randn(n, c, h, w, generator=g) for c, (h, w) in zip(channels, sizes)]
+
+    def masks(n: int) -> torch.Tensor:
+        m = torch.zeros(n, size, size, dtype=torch.uint8)
+        m[: n // 2, : size // 4, : size // 4] = 1
+        return m
+
+    def stream(first: int, last: int):
+        for e in range(first, last + 1):
+            for _ in range(steps):
+                yield {**dict(zip(FEATURE_COLUMNS, feats(bs))), "mask": masks(bs),
+                       "epoch": torch.full((bs,), e)}
+
+    val = ValidationSet(feats(6), masks(6).flip(0), torch.tensor([GROUP_NORMAL] * 3 + [GROUP_REAL] * 3))
+
+    def trainer() -> HeadTrainer:
+        head = PRNHead(cfg.model, channels, size, sizes)
+        if cfg.model.use_prototypes:
+            head.set_prototypes([f[:2] for f in feats(2)[:3]])
+        t = HeadTrainer(head, cfg, torch.device("cpu"), epoch_rows=steps * bs)
+        t.val = val
+        return t
+
+    first = trainer()
+    first.fit(stream(0, 1), report=lambda row: None)  # "killed" after epoch 2 of 4
+    assert first.state.epoch == 1 and first.state.step == 2 * steps
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first.save(str(tmp_path / "a"))
+
+    resumed = trainer()
+    resumed.restore(str(tmp_path / "a"))
+    resumed.fit(stream(0, 3), report=lambda row: None)  # the stream replays from epoch 0
+    assert [h["epoch"] for h in resumed.state.history] == [0, 1, 2, 3]
+    assert resumed.state.step == 4 * steps
+    assert resumed.state.resumes == [{"epoch": 2, "data_epoch": 2,
+                                      "skipped_batches": 2 * steps}]
+    resumed.save(str(tmp_path / "b"))
+
+    finished = trainer()
+    finished.restore(str(tmp_path / "b"))
+    finished.fit(stream(3, 3), report=lambda row: None)  # last epoch offered again
+    assert [h["epoch"] for h in finished.state.history] == [0, 1, 2, 3]
+    assert finished.state.step == 4 * steps and finished.state.restarts == 2
