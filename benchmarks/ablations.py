@@ -32,7 +32,8 @@ from prn_ray.catalog import build_catalog
 from prn_ray.config import load_config
 from prn_ray.evaluation import evaluate_models
 from prn_ray.runtime import init_ray, progress
-from prn_ray.training import train_all
+from prn_ray.pipeline import ProductData
+from prn_ray.training import compute_prototypes, train_all
 
 MODULES = {"no_mp": {"model.use_prototypes": False},
            "no_msa": {"model.use_attention": False},
@@ -89,6 +90,11 @@ def main() -> None:
     overrides = {f"{product}__{v}": MODULES.get(v, {}) for v in variants}
     init_ray(cfg)
     t0 = time.time()
+    # The variants share their normal images: fit the prototypes once, before they start
+    # together (each would miss the cache at the same moment and fit its own).
+    if any(v != "no_mp" for v in variants):
+        compute_prototypes(ProductData.from_catalog(
+            build_catalog(cfg).df, names[0]), cfg, cfg.data.image_size)
     results = train_all(cfg, names, run_id=run_id, overrides=overrides)
     progress("ablations", f"trained {len(names)} variants in {time.time() - t0:.0f}s")
     evaluations, out = evaluate_models(cfg, names, storage.join(root, "eval"), save=False)

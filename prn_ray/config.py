@@ -132,6 +132,9 @@ class TrainConfig:
     feature_actor_gpus: float = 0.25  # used only when the cluster has GPUs
     driver_cpus: float = 0.1  # the per-product driver (Tune trial) only waits on its trainer
     torch_threads: int | None = None  # None = derived from cpus_per_worker
+    # Reuse prototypes fitted from the same normal images (content fingerprint) and settings:
+    # tuning trials, ablation variants and restarted runs skip feature extraction + k-means.
+    prototype_cache: bool = True
 
 
 @dataclass

@@ -536,3 +536,10 @@ def error_free(errors) -> "np.ndarray":
     return np.array([e is None or (e == "" if isinstance(e, str) else bool(e != e))
                      for e in errors], dtype=bool)
 
+
+def keep_error_free(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows of a batch without an error (a Ray Data task: lives here, away from torch, so
+    the task workers do not import it)."""
+    ok = error_free(batch["error"])
+    return {k: v[ok] for k, v in batch.items()}
+

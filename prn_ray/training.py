@@ -18,6 +18,7 @@ reaches this module), checkpoints through ``ray.train.report`` for resumption.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,9 @@ import numpy as np
 import pandas as pd
 import ray
 import torch
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_save
 
 from prn_ray import images, metrics, registry, storage
 from prn_ray.config import Config, from_dict
@@ -557,10 +560,66 @@ def feature_geometry(cfg: Config, image_size: int) -> tuple[list[int], list[tupl
     return probe.channels, probe.feature_sizes((image_size, image_size))
 
 
+_PROTOTYPE_CACHE_VERSION = 1  # bump when feature extraction or k-means change
+
+
+def prototype_cache_uri(data: ProductData, cfg: Config, image_size: int) -> str:
+    """Where the prototypes of these normal images and settings are cached (content-keyed)."""
+    m = cfg.model
+    weights = m.weights
+    key_doc = {
+        "v": _PROTOTYPE_CACHE_VERSION,  # no product name: same images, same prototypes
+        "normals": storage.fingerprint(data.train_normals, cfg.storage),
+        "backbone": m.backbone, "weights": weights,
+        # a weights file is keyed by its content too, not only by its name
+        "weights_file": (storage.fingerprint([weights], cfg.storage)
+                         if "/" in weights or "://" in weights else None),
+        "image_size": image_size, "feature_dtype": m.feature_dtype,
+        "ratio": m.prototype_ratio, "max_images": m.prototype_max_images,
+        "iters": m.kmeans_iters, "seed": cfg.train.seed,
+        "max_image_pixels": cfg.data.max_image_pixels, "min_side": cfg.data.min_image_side,
+    }
+    key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:32]
+    return storage.join(cfg.storage.runs_uri, "prototype_cache", f"{key}.safetensors")
+
+
+def _load_cached_prototypes(uri: str, cfg: Config
+                            ) -> tuple[list[torch.Tensor], int, dict[str, str]] | None:
+    if not storage.exists(uri, cfg.storage):
+        return None
+    blob = storage.read_bytes(uri, cfg.storage)
+    header_len = int.from_bytes(blob[:8], "little")  # safetensors: u64 length + JSON header
+    meta = json.loads(blob[8:8 + header_len])["__metadata__"]
+    tensors = safetensors_load(blob)
+    return ([tensors[f"scale{j}"] for j in range(3)], int(meta["n_normal"]),
+            json.loads(meta["quarantine"]))
+
+
 def compute_prototypes(data: ProductData, cfg: Config, image_size: int
                        ) -> tuple[list[torch.Tensor], int]:
-    """Stream the product's normal features, quarantine unreadable images, run k-means."""
+    """Prototypes of the product's normal images: from the cache when the same images and
+    settings were fitted before, else stream features, quarantine unreadable images, k-means."""
+    # Random backbone weights differ from process to process: nothing worth caching.
+    cacheable = cfg.train.prototype_cache and cfg.model.weights != "none"
+    cache = prototype_cache_uri(data, cfg, image_size) if cacheable else None
+    hit = _load_cached_prototypes(cache, cfg) if cache else None
+    if hit is not None:
+        protos, n, bad = hit
+        data.exclude(bad)
+        progress(data.product, f"prototypes: cached ({cache.rsplit('/', 1)[-1][:12]}…)")
+        return protos, n
+    protos, n, bad = _fit_prototypes_streamed(data, cfg, image_size)
+    if cache:
+        blob = safetensors_save({f"scale{j}": p.contiguous() for j, p in enumerate(protos)},
+                                metadata={"n_normal": str(n), "quarantine": json.dumps(bad)})
+        storage.write_bytes(cache, blob, cfg.storage)  # atomic: readers see all or nothing
+    return protos, n
+
+
+def _fit_prototypes_streamed(data: ProductData, cfg: Config, image_size: int
+                             ) -> tuple[list[torch.Tensor], int, dict[str, str]]:
     per_level: list[list[np.ndarray]] = [[] for _ in range(3)]
+    uris: list[np.ndarray] = []
     bad: dict[str, str] = {}
     for batch in prototype_dataset(data, cfg, image_size).iter_batches(
             batch_size=64, batch_format="numpy"):
@@ -568,16 +627,20 @@ def compute_prototypes(data: ProductData, cfg: Config, image_size: int
         ok = images.error_free(err)
         for uri, e in zip(batch["image_uri"][~ok], err[~ok]):
             bad[str(uri)] = str(e)
+        uris.append(batch["image_uri"][ok])
         for j in range(3):
             per_level[j].append(batch[FEATURE_COLUMNS[j]][ok])
     data.exclude(bad)
     n = len(data.train_normals)
     if n == 0:
         raise RuntimeError(f"product {data.product}: no readable normal training image")
-    feats = [torch.from_numpy(np.concatenate(level)) for level in per_level]
+    # Ray Data streams blocks in completion order: sort by URI so the seeded k-means (init,
+    # subsample) sees the same order every run and the prototypes are reproducible.
+    order = np.argsort(np.concatenate(uris).astype(str), kind="stable")
+    feats = [torch.from_numpy(np.concatenate(level)[order]) for level in per_level]
     protos = fit_prototypes(feats, cfg.model.prototype_ratio, seed=cfg.train.seed,
                             iters=cfg.model.kmeans_iters, max_images=cfg.model.prototype_max_images)
-    return protos, n
+    return protos, n, bad
 
 
 def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
