@@ -130,7 +130,8 @@ class FeatureExtractor:
 
 def images_to_tensor(batch_images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """B x H x W x 3 uint8 -> B x 3 x H x W float in [0, 1] (the backbone normalises itself)."""
-    t = torch.from_numpy(np.ascontiguousarray(batch_images)).to(device)
+    # Ray hands read-only views of the object store; copy only then (torch warns otherwise).
+    t = torch.from_numpy(np.require(batch_images, requirements=("C", "W"))).to(device)
     return t.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
 

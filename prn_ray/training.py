@@ -608,6 +608,7 @@ def compute_prototypes(data: ProductData, cfg: Config, image_size: int
         data.exclude(bad)
         progress(data.product, f"prototypes: cached ({cache.rsplit('/', 1)[-1][:12]}…)")
         return protos, n
+    progress(data.product, "prototypes: streaming normal features for k-means")
     protos, n, bad = _fit_prototypes_streamed(data, cfg, image_size)
     if cache:
         blob = safetensors_save({f"scale{j}": p.contiguous() for j, p in enumerate(protos)},
@@ -662,7 +663,6 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
         progress(product, f"{len(data.train_normals)} train normals, {len(data.seen)} seen "
                           f"anomalies, {len(data.val)} validation images")
         banks = build_banks(data, others or {}, cfg, size)
-        progress(product, "prototypes: streaming normal features for k-means")
         protos, n_normal = compute_prototypes(data, cfg, size)
         if data.quarantine:
             progress(product, f"quarantined {len(data.quarantine)} unreadable image(s)")
