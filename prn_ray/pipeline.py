@@ -285,10 +285,21 @@ def epoch_size(data: ProductData, cfg: Config) -> int:
                           cfg.train.seed)["kind"])
 
 
+def planned_epochs(cfg: Config, epoch_rows: int) -> int:
+    """Epochs the training stream holds: ``train.epochs``, or as many as the step budget
+    (``train.max_steps``) can use, plus one for batches that straddle an epoch boundary. (A
+    step-budgeted run with ``epochs: 10000`` would otherwise plan 10000 epochs of rows.)"""
+    tc = cfg.train
+    if not tc.max_steps:
+        return tc.epochs
+    steps_per_epoch = max(1, epoch_rows // (tc.batch_size * max(1, tc.num_workers)))
+    return min(tc.epochs, -(-tc.max_steps // steps_per_epoch) + 1)
+
+
 def train_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config, image_size: int,
                   start_epoch: int = 0) -> ray.data.Dataset:
-    """Epochs ``start_epoch .. train.epochs-1``, each with fresh seeded synthesis."""
-    frame = plan_frame(data, cfg, range(start_epoch, cfg.train.epochs))
+    """Epochs ``start_epoch ..`` :func:`planned_epochs` - 1, each with fresh seeded synthesis."""
+    frame = plan_frame(data, cfg, range(start_epoch, planned_epochs(cfg, epoch_size(data, cfg))))
     ds = decode_stage(_frame_dataset(frame, cfg), cfg, image_size)
     ds = drop_errors(ds, cfg)
     ds = ds.map_batches(banks.synthesizer(cfg, image_size), batch_size=cfg.data.read_batch_size,

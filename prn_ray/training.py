@@ -48,6 +48,7 @@ from prn_ray.pipeline import (
     ProductData,
     build_banks,
     epoch_size,
+    planned_epochs,
     prototype_dataset,
     train_dataset,
     validation_dataset,
@@ -679,7 +680,8 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
             # Called by Ray Train at every (re)start of the worker group: resume the stream
             # at the epoch after the last complete checkpoint instead of replaying epoch 0.
             start = last_completed_epoch(run_uri, cfg) + 1
-            return train_dataset(data, banks, cfg, size, start_epoch=min(start, tc.epochs - 1))
+            last = planned_epochs(cfg, rows) - 1
+            return train_dataset(data, banks, cfg, size, start_epoch=min(start, last))
 
         trainer = TorchTrainer(
             train_loop_per_worker,

@@ -21,6 +21,7 @@ from prn_ray.demo_data import make_dataset
 from prn_ray.model import PRNHead
 from prn_ray.pipeline import (FEATURE_COLUMNS, GROUP_NORMAL, GROUP_REAL, ProductData,
                               build_banks, plan_frame)
+from prn_ray.pipeline import planned_epochs
 from prn_ray.training import (HeadTrainer, ValidationSet, _local_feature_batches,
                               feature_geometry, lr_factor, train_local)
 
@@ -185,3 +186,16 @@ def test_resume_skips_replayed_epochs_and_does_not_retrain_a_finished_run(tmp_pa
     finished.fit(stream(3, 3), report=lambda row: None)  # last epoch offered again
     assert [h["epoch"] for h in finished.state.history] == [0, 1, 2, 3]
     assert finished.state.step == 4 * steps and finished.state.restarts == 2
+
+
+@pytest.mark.parametrize("max_steps,rows,expected", [
+    (120, 1350, 3), (84, 1350, 2), (None, 1350, 10_000), (10**9, 1350, 10_000), (5, 7, 6)])
+def test_stream_plans_only_the_epochs_a_step_budget_can_use(max_steps, rows, expected):
+    """A step-budgeted run (``epochs: 10000``) must not plan 10000 epochs of rows up front, yet
+    its stream must hold every step the budget allows."""
+    cfg = load_config(TINY, ["train.epochs=10000", "train.batch_size=16",
+                             f"train.max_steps={max_steps if max_steps else 'null'}"])
+    n = planned_epochs(cfg, rows)
+    assert n == expected
+    steps_per_epoch = max(1, rows // 16)
+    assert n * steps_per_epoch >= min(max_steps or 10**12, 10_000 * steps_per_epoch)
