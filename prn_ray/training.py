@@ -420,7 +420,8 @@ class HeadTrainer:
         state.history.append(record)
         shown = {k: record[k] for k in ("val_pixel_ap", "val_aupro", "val_image_auroc",
                                        "val_real_pixel_ap") if k in record}
-        self.say(f"epoch {epoch + 1}/{tc.epochs} step {state.step}/{self.total_steps} "
+        epochs = min(tc.epochs, -(-self.total_steps // self.steps_per_epoch))  # step budget
+        self.say(f"epoch {epoch + 1}/{epochs} step {state.step}/{self.total_steps} "
                  f"loss {mean_loss:.4f} lr {record['lr']:.2e} "
                  + " ".join(f"{k} {v:.3f}" for k, v in shown.items())
                  + f" ({state.elapsed_s:.0f}s)")
