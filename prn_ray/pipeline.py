@@ -285,15 +285,21 @@ def epoch_size(data: ProductData, cfg: Config) -> int:
                           cfg.train.seed)["kind"])
 
 
-def planned_epochs(cfg: Config, epoch_rows: int) -> int:
-    """Epochs the training stream holds: ``train.epochs``, or as many as the step budget
-    (``train.max_steps``) can use, plus one for batches that straddle an epoch boundary. (A
-    step-budgeted run with ``epochs: 10000`` would otherwise plan 10000 epochs of rows.)"""
+def budget_epochs(cfg: Config, epoch_rows: int) -> int:
+    """Epochs a run trains: ``train.epochs``, or fewer when the step budget (``train.max_steps``)
+    ends it sooner (the epoch it ends in counts)."""
     tc = cfg.train
     if not tc.max_steps:
         return tc.epochs
     steps_per_epoch = max(1, epoch_rows // (tc.batch_size * max(1, tc.num_workers)))
-    return min(tc.epochs, -(-tc.max_steps // steps_per_epoch) + 1)
+    return min(tc.epochs, -(-tc.max_steps // steps_per_epoch))
+
+
+def planned_epochs(cfg: Config, epoch_rows: int) -> int:
+    """Epochs the training stream holds: :func:`budget_epochs` plus one for batches that
+    straddle an epoch boundary. (A step-budgeted run with ``epochs: 10000`` would otherwise
+    plan 10000 epochs of rows.)"""
+    return min(cfg.train.epochs, budget_epochs(cfg, epoch_rows) + (1 if cfg.train.max_steps else 0))
 
 
 def train_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config, image_size: int,

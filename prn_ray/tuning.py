@@ -30,6 +30,7 @@ import ray
 
 from prn_ray import storage
 from prn_ray.config import Config, from_dict
+from prn_ray.pipeline import ProductData, budget_epochs, epoch_size
 from prn_ray.runtime import progress, quiet_ray_data
 from prn_ray.training import (
     _json_default,
@@ -123,7 +124,10 @@ def run_study(cfg: Config, product: str, catalog: pd.DataFrame, others: dict[str
 
     quiet_ray_data()
     metric = objective(cfg)
-    reports = max(1, cfg.train.epochs // max(1, cfg.train.val_every_epochs))
+    # Validations a full trial reports (the last epoch always validates; a step budget may end
+    # the run before train.epochs): what "stopped early" is measured against.
+    epochs = budget_epochs(cfg, epoch_size(ProductData.from_catalog(catalog, product), cfg))
+    reports = max(1, -(-epochs // max(1, cfg.train.val_every_epochs)))
     fs, path = _storage_filesystem(cfg, study_uri)
     trainable = tune.with_resources(_trial, {"cpu": cfg.train.driver_cpus})
     experiment = storage.join(path, "tuner")
