@@ -285,21 +285,28 @@ def epoch_size(data: ProductData, cfg: Config) -> int:
                           cfg.train.seed)["kind"])
 
 
-def budget_epochs(cfg: Config, epoch_rows: int) -> int:
+def steps_per_epoch(cfg: Config, epoch_rows: int, world: int | None = None) -> int:
+    """Optimizer steps per epoch: full global batches of ``epoch_rows`` (``world`` workers,
+    default ``train.num_workers``)."""
+    world = max(1, cfg.train.num_workers if world is None else world)
+    return max(1, epoch_rows // (cfg.train.batch_size * world))
+
+
+def budget_epochs(cfg: Config, epoch_rows: int, world: int | None = None) -> int:
     """Epochs a run trains: ``train.epochs``, or fewer when the step budget (``train.max_steps``)
     ends it sooner (the epoch it ends in counts)."""
     tc = cfg.train
     if not tc.max_steps:
         return tc.epochs
-    steps_per_epoch = max(1, epoch_rows // (tc.batch_size * max(1, tc.num_workers)))
-    return min(tc.epochs, -(-tc.max_steps // steps_per_epoch))
+    return min(tc.epochs, -(-tc.max_steps // steps_per_epoch(cfg, epoch_rows, world)))
 
 
 def planned_epochs(cfg: Config, epoch_rows: int) -> int:
     """Epochs the training stream holds: :func:`budget_epochs` plus one for batches that
     straddle an epoch boundary. (A step-budgeted run with ``epochs: 10000`` would otherwise
     plan 10000 epochs of rows.)"""
-    return min(cfg.train.epochs, budget_epochs(cfg, epoch_rows) + (1 if cfg.train.max_steps else 0))
+    extra = 1 if cfg.train.max_steps else 0
+    return min(cfg.train.epochs, budget_epochs(cfg, epoch_rows) + extra)
 
 
 def train_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config, image_size: int,

@@ -172,9 +172,9 @@ def fingerprint(uris: Iterable[str], cfg: StorageConfig | None = None) -> str:
     groups: dict[int, tuple[pafs.FileSystem, list[str], list[str]]] = {}
     for uri in uris:
         loc = resolve(uri, cfg)
-        groups.setdefault(id(loc.fs), (loc.fs, [], []))
-        groups[id(loc.fs)][1].append(loc.path)
-        groups[id(loc.fs)][2].append(uri)
+        _, paths, originals = groups.setdefault(id(loc.fs), (loc.fs, [], []))
+        paths.append(loc.path)
+        originals.append(uri)
     h = hashlib.sha256()
     for fs, paths, originals in groups.values():
         for uri, fi in zip(originals, fs.get_file_info(paths)):

@@ -46,10 +46,12 @@ from prn_ray.pipeline import (
     GROUP_REAL,
     GROUP_SYNTHETIC,
     ProductData,
+    budget_epochs,
     build_banks,
     epoch_size,
     planned_epochs,
     prototype_dataset,
+    steps_per_epoch,
     train_dataset,
     validation_dataset,
 )
@@ -321,7 +323,8 @@ class HeadTrainer:
         self.loss_fn = PRNLoss.from_config(tc)
         self.state, self.best = TrainState(), None
         self.epoch_rows = epoch_rows
-        self.steps_per_epoch = max(1, epoch_rows // (tc.batch_size * world))
+        self.steps_per_epoch = steps_per_epoch(cfg, epoch_rows, world)
+        self.budget_epochs = budget_epochs(cfg, epoch_rows, world)  # fewer under a step budget
         self.total_steps = self.steps_per_epoch * tc.epochs
         if tc.max_steps:
             self.total_steps = min(self.total_steps, tc.max_steps)
@@ -420,8 +423,7 @@ class HeadTrainer:
         state.history.append(record)
         shown = {k: record[k] for k in ("val_pixel_ap", "val_aupro", "val_image_auroc",
                                        "val_real_pixel_ap") if k in record}
-        epochs = min(tc.epochs, -(-self.total_steps // self.steps_per_epoch))  # step budget
-        self.say(f"epoch {epoch + 1}/{epochs} step {state.step}/{self.total_steps} "
+        self.say(f"epoch {epoch + 1}/{self.budget_epochs} step {state.step}/{self.total_steps} "
                  f"loss {mean_loss:.4f} lr {record['lr']:.2e} "
                  + " ".join(f"{k} {v:.3f}" for k, v in shown.items())
                  + f" ({state.elapsed_s:.0f}s)")

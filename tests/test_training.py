@@ -20,8 +20,7 @@ from prn_ray.config import load_config
 from prn_ray.demo_data import make_dataset
 from prn_ray.model import PRNHead
 from prn_ray.pipeline import (FEATURE_COLUMNS, GROUP_NORMAL, GROUP_REAL, ProductData,
-                              build_banks, plan_frame)
-from prn_ray.pipeline import planned_epochs
+                              build_banks, plan_frame, planned_epochs)
 from prn_ray.training import (HeadTrainer, ValidationSet, _local_feature_batches,
                               feature_geometry, lr_factor, train_local)
 
@@ -156,7 +155,8 @@ def test_resume_skips_replayed_epochs_and_does_not_retrain_a_finished_run(tmp_pa
                 yield {**dict(zip(FEATURE_COLUMNS, feats(bs))), "mask": masks(bs),
                        "epoch": torch.full((bs,), e)}
 
-    val = ValidationSet(feats(6), masks(6).flip(0), torch.tensor([GROUP_NORMAL] * 3 + [GROUP_REAL] * 3))
+    groups = torch.tensor([GROUP_NORMAL] * 3 + [GROUP_REAL] * 3)
+    val = ValidationSet(feats(6), masks(6).flip(0), groups)  # defects in the last three
 
     def trainer() -> HeadTrainer:
         head = PRNHead(cfg.model, channels, size, sizes)
