@@ -74,3 +74,17 @@ def test_prototypes_are_cached_by_content_and_settings(ray_local, s3_bucket):
         assert [p.shape for p in fitted] == [p.shape for p in protos]
     fitted, _ = compute_prototypes(product(), cfg.replace({"train.prototype_cache": False}), 64)
     assert all(torch.allclose(a, b, atol=1e-3) for a, b in zip(fitted, protos))
+
+
+def test_fingerprint_changes_with_the_files_and_tolerates_missing_ones(tmp_path, s3_bucket):
+    for root in (str(tmp_path), s3_bucket):
+        a, b = f"{root}/a.png", f"{root}/b.png"
+        storage.write_bytes(a, b"one")
+        base = storage.fingerprint([a])
+        assert storage.fingerprint([a]) == base  # stable
+        assert storage.fingerprint([a, b]) != base  # a missing file counts, without raising
+        storage.write_bytes(b, b"two")
+        with_b = storage.fingerprint([a, b])
+        assert with_b not in (base, storage.fingerprint([a, f"{root}/missing.png"]))
+        storage.write_bytes(a, b"one, rewritten")
+        assert storage.fingerprint([a, b]) != with_b
