@@ -91,6 +91,21 @@ class ModelConfig:
     attention_scale: Literal["sqrt_d", "d"] = "sqrt_d"
     norm: Literal["group", "batch"] = "group"  # group: no running stats (BN eval trap)
     decoder_width: float = 1.0  # decoder channels = width x encoder channels of the scale
+    # Inputs: standardise each channel with the normal features' mean/std (keeps attention
+    # out of saturation for pre-activation backbones such as EfficientNet).
+    standardize: bool = True
+    msa_input_norm: bool = True  # GroupNorm in front of each MSA block
+    # Compute: the one-token branch as the affine copy it is; a 1x1 bottleneck before the
+    # fuse convolutions; logits on a coarser grid, resized bilinearly (1 = the spec's layout).
+    single_token_affine: bool = True
+    msa_bottleneck: bool = True
+    logit_stride: int = 4
+    # Residual prior: logits = patch-memory z-map prior + learned correction (starts at zero).
+    residual_prior: bool = True
+    prior_levels: list[int] = field(default_factory=lambda: [1, 2, 3])  # levels: strides 8, 16, 32
+    prior_bank_size: int = 16384  # coreset rows per level
+    prior_pool: int = 3  # neighbourhood averaged into each patch descriptor
+    prior_blur_sigma: float = 4.0  # Gaussian smoothing of the prior, in pixels at 256 px
     score: Literal["topk_mean", "max", "area"] = "topk_mean"
     score_topk: int = 100
     feature_dtype: Literal["float16", "float32"] = "float16"  # features travelling in Ray Data
@@ -103,10 +118,15 @@ class TrainConfig:
     time_budget_s: float | None = None  # wall-clock budget per product
     batch_size: int = 16
     lr: float = 1e-4
+    # adamw: decoupled decay on convolution/linear weights only (not on norms, biases, the
+    # attention's Q/K/V or the prior's scalars); adam: the public code's coupled L2 on everything.
+    optimizer: Literal["adamw", "adam"] = "adamw"
     weight_decay: float = 1e-2
     warmup_steps: int = 50
     schedule: Literal["cosine", "constant"] = "cosine"
     loss_lambda: float = 5.0
+    # With model.residual_prior: weight of the same loss on the learned correction alone.
+    correction_loss_weight: float = 1.0
     focal_gamma: float = 4.0
     focal_alpha: float = 0.5
     grad_clip: float | None = 1.0
@@ -118,7 +138,9 @@ class TrainConfig:
     val_every_epochs: int = 1
     checkpoint_every_epochs: int = 1
     early_stop_patience: int | None = None  # validations without improvement
-    selection_metric: str = "pixel_ap"  # validation metric for best-epoch selection
+    # Best-epoch selection: a validation metric; real_mean = mean of the four metrics on the
+    # held-out real defects (and their extended copies) vs held-out normals.
+    selection_metric: str = "real_mean"
     num_workers: int = 1  # data-parallel workers per product
     cpus_per_worker: float = 1.0
     use_gpu: Literal["auto", "true", "false"] = "auto"
@@ -141,7 +163,7 @@ class TrainConfig:
 class TuneConfig:
     num_samples: int = 8
     max_concurrent_trials: int | None = None
-    metric: str = "pixel_ap"
+    metric: str = "selection"  # selection = train.selection_metric; or any validation metric
     grace_period: int = 1  # ASHA: validations before a trial may be stopped
     reduction_factor: int = 2
     search_space: dict[str, Any] = field(
@@ -230,14 +252,36 @@ def from_dict(data: dict[str, Any] | None) -> Config:
     return _build(Config, data or {}, "")
 
 
+EXTENDS_KEY = "extends"  # top-level key: a YAML file (relative to this one) read first
+
+
+def read_yaml(path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict, with ``extends: base.yaml`` resolved (the file's own values
+    win, section by section and key by key)."""
+    path = Path(path)
+    real = str(path.resolve())
+    if real in _seen:
+        raise ConfigError(f"{path}: 'extends' loops back to {path.name}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = data.pop(EXTENDS_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: '{EXTENDS_KEY}' must be the path of a YAML file")
+    merged = read_yaml(path.parent / base, (*_seen, real))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load YAML (or start from defaults) and apply ``key=value`` overrides in order."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(data, key, value)

@@ -47,7 +47,7 @@ class EvalScorer:
 
         ok = images.error_free(batch["error"])
         n, s = len(ok), batch["image"].shape[1]
-        maps = np.zeros((n, s, s), np.float16)
+        maps = np.zeros((n, s, s), np.float32)  # float16 ties probabilities above 0.9995
         scores = np.full(n, np.nan, np.float32)
         ms = np.zeros(n, np.float32)
         if ok.any():
@@ -201,7 +201,7 @@ def evaluate_scores(cfg: Config, scores_uri: str, date: str | None = None,
     resolution. Only the catalog's test split counts: scored images that the catalog does not
     know, or that were training data (train, seen, val), are left out (counted in ``info``)."""
     from prn_ray.catalog import build_catalog
-    from prn_ray.scoring import read_scores
+    from prn_ray.scoring import png_to_map, read_scores
 
     catalog = build_catalog(cfg).df
     rows = read_scores(scores_uri, cfg.storage, date=date, products=products)
@@ -219,7 +219,7 @@ def evaluate_scores(cfg: Config, scores_uri: str, date: str | None = None,
         labels, scores = [], []
         for r in part.itertuples():
             t = truth.loc[r.image_uri]
-            prob = images.decode_image(r.anomaly_map_png, 10**9, 1)[..., 0].astype(np.float32)
+            prob = png_to_map(r.anomaly_map_png)
             h, w = prob.shape
             mask = np.zeros((h, w), np.uint8)
             if t["label"] == "anomaly" and t["mask_uri"]:
@@ -227,7 +227,7 @@ def evaluate_scores(cfg: Config, scores_uri: str, date: str | None = None,
                                           cfg.data.mask_threshold)
             labels.append(t["label"] == "anomaly")
             scores.append(float(r.score))
-            acc.update(prob / 255.0, mask)  # one image per update: resolutions may differ
+            acc.update(prob, mask)  # one image per update: resolutions may differ
         acc.update(scores=np.array(scores), labels=np.array(labels))
         ev = ProductEvaluation.from_accumulator(
             product, acc, scores=np.array(scores), labels=np.array(labels),

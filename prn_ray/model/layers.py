@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
+import torch
 from torch import nn
+from torch.amp.autocast_mode import is_autocast_available
 
 NormKind = Literal["group", "batch"]
 
@@ -38,3 +41,10 @@ class ConvNormAct(nn.Sequential):
             make_norm(norm, out_ch),
             nn.ReLU(inplace=True),
         )
+
+
+def autocast_off(device_type: str):
+    """A context with autocast disabled (float32 math inside a bf16/fp16 autocast region):
+    for distances over long vectors and for the final logits, whose ranking is the product."""
+    return (torch.autocast(device_type, enabled=False) if is_autocast_available(device_type)
+            else contextlib.nullcontext())

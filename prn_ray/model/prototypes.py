@@ -12,13 +12,13 @@ features plus K·D·4 bytes of centroids.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.amp.autocast_mode import is_autocast_available
+
+from prn_ray.model.layers import autocast_off
 
 _CHUNK_ELEMENTS = 1 << 24  # float32 elements promoted at once (64 MiB)
 
@@ -150,10 +150,7 @@ def nearest_prototype(features: Tensor, prototypes: Tensor) -> Tensor:
     Runs in float32 with autocast off: a bf16 matmul over 10⁵-dimensional maps would be too
     coarse to rank distances. ||f||² is the same for every prototype, so it is left out.
     """
-    dev = features.device.type
-    no_autocast = (torch.autocast(dev, enabled=False) if is_autocast_available(dev)
-                   else contextlib.nullcontext())
-    with torch.no_grad(), no_autocast:
+    with torch.no_grad(), autocast_off(features.device.type):
         f = features.detach().flatten(1).float()
         p = prototypes.flatten(1).float()
         scores = p.pow(2).sum(1)[None] - 2.0 * f @ p.T

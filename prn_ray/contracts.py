@@ -1,0 +1,77 @@
+"""Names and small helpers every layer shares, defined once.
+
+* Catalog vocabulary: labels and splits of a sample, image file extensions.
+* Batch columns of the feature streams (one column per backbone level) and the validation
+  groups that keep held-out *real* defects apart from synthetic ones.
+* JSON for numpy/torch scalars, CPU copies of tensors for safetensors, and run ids.
+
+No Ray, no torch at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+# ----------------------------------------------------------------------------- catalog
+
+LABELS = ("normal", "anomaly")
+SPLITS = ("train", "val", "test", "seen")
+CATALOG_COLUMNS = ("product", "image_uri", "label", "defect_type", "mask_uri", "split")
+# Files treated as images when listing a tree or an input prefix (one list for training and
+# scoring); one the decoder cannot read becomes an error row, never a silent skip.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm",
+                    ".ppm", ".pnm", ".jp2")
+
+# ----------------------------------------------------------------------------- batches
+
+FEATURE_COLUMNS = ("feat0", "feat1", "feat2", "feat3")  # backbone levels, strides 4..32
+# Validation groups. Synthetic defects are learned long before real ones, so validation keeps
+# what comes from the held-out *real* defects apart: the raw defects (REAL) and copies of them
+# pasted onto held-out normals (REAL_EXTENDED: more positions and backgrounds for the same few
+# real defects, never the training defects). SYNTHETIC = simulated anomalies.
+GROUP_NORMAL, GROUP_REAL, GROUP_SYNTHETIC, GROUP_REAL_EXTENDED = 0, 1, 2, 3
+REAL_GROUPS = (GROUP_REAL, GROUP_REAL_EXTENDED)
+
+# ----------------------------------------------------------------------------- JSON, tensors
+
+
+def json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy / torch scalars and arrays."""
+    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def dumps(doc: Any, *, indent: int = 1, sort_keys: bool = False) -> str:
+    return json.dumps(doc, indent=indent, sort_keys=sort_keys, default=json_default)
+
+
+def cpu_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """Detached, contiguous CPU copies: what safetensors accepts (no shared storage)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+# ----------------------------------------------------------------------------- ids
+
+_ID_TIME = "%Y%m%d-%H%M%S"
+_ID_RE = re.compile(r"(\d{8}-\d{6})")
+
+
+def new_id(prefix: str) -> str:
+    """``<prefix><UTC yyyymmdd-HHMMSS>-<6 hex>``: sortable by time, unique across processes
+    started in the same second (train-…, score-…, study-…, eval-…, ablate-…, v… versions)."""
+    return f"{prefix}{time.strftime(_ID_TIME, time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def id_time(run_id: str) -> datetime | None:
+    """When an id made by :func:`new_id` was created (UTC), or None for other names."""
+    m = _ID_RE.search(run_id)
+    if not m:
+        return None
+    return datetime.strptime(m.group(1), _ID_TIME).replace(tzinfo=timezone.utc)
