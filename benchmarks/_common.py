@@ -120,3 +120,33 @@ def start_moto() -> tuple[subprocess.Popen, str]:
         time.sleep(0.1)
     proc.kill()
     sys.exit("moto_server did not start")
+
+
+def synthetic_reference(model_cfg, channels, sizes, n_normal: int = 677, seed: int = 0):
+    """A normal reference of the real sizes filled with random numbers (K prototypes for
+    ``n_normal`` images, full memory banks), for timing and FLOP counts only."""
+    import torch
+
+    from prn_ray.model.prototypes import num_prototypes
+    from prn_ray.model.reference import NormalReference
+
+    g = torch.Generator().manual_seed(seed)
+    k = num_prototypes(n_normal, model_cfg.prototype_ratio)
+    return NormalReference(
+        means=[torch.zeros(c) for c in channels], stds=[torch.ones(c) for c in channels],
+        prototypes=[torch.randn(k, c, *hw, generator=g)
+                    for c, hw in zip(channels[:3], sizes[:3])] if model_cfg.use_prototypes else [],
+        banks=[torch.randn(model_cfg.prior_bank_size, channels[lv], generator=g)
+               for lv in model_cfg.prior_levels] if model_cfg.residual_prior else [],
+        n_normal=n_normal)
+
+
+def ready_head(model_cfg, channels, sizes, image_size: int, n_normal: int = 677):
+    """A PRN head with a synthetic reference and an identity prior calibration."""
+    from prn_ray.model import PRNHead
+
+    head = PRNHead(model_cfg, channels, image_size, sizes)
+    head.set_reference(synthetic_reference(model_cfg, channels, sizes, n_normal))
+    if head.memory is not None:
+        head.memory.mark(calibrated=True)
+    return head

@@ -28,12 +28,15 @@ import _common  # noqa: F401  (repo on sys.path, quiet Ray Data)
 import pandas as pd
 
 from prn_ray import storage
-from prn_ray.catalog import build_catalog
 from prn_ray.config import load_config
+from prn_ray.console import progress
+from prn_ray.data.catalog import build_catalog
+from prn_ray.data.product import ProductData
+from prn_ray.data.ray_data import reference_dataset
+from prn_ray.engine.reference import compute_reference
 from prn_ray.evaluation import evaluate_models
-from prn_ray.runtime import init_ray, progress
-from prn_ray.pipeline import ProductData
-from prn_ray.training import compute_prototypes, train_all
+from prn_ray.runtime import init_ray
+from prn_ray.train.fleet import train_all
 
 MODULES = {"no_mp": {"model.use_prototypes": False},
            "no_msa": {"model.use_attention": False},
@@ -90,11 +93,13 @@ def main() -> None:
     overrides = {f"{product}__{v}": MODULES.get(v, {}) for v in variants}
     init_ray(cfg)
     t0 = time.time()
-    # The variants share their normal images: fit the prototypes once, before they start
+    # The variants share their normal images: fit the reference once, before they start
     # together (each would miss the cache at the same moment and fit its own).
     if any(v != "no_mp" for v in variants):
-        compute_prototypes(ProductData.from_catalog(
-            build_catalog(cfg).df, names[0]), cfg, cfg.data.image_size)
+        data = ProductData.from_catalog(build_catalog(cfg).df, names[0])
+        size = cfg.data.image_size
+        compute_reference(data, cfg, size, lambda: reference_dataset(data, cfg, size)
+                          .iter_batches(batch_size=64, batch_format="numpy"))
     results = train_all(cfg, names, run_id=run_id, overrides=overrides)
     progress("ablations", f"trained {len(names)} variants in {time.time() - t0:.0f}s")
     evaluations, out = evaluate_models(cfg, names, storage.join(root, "eval"), save=False)

@@ -3,11 +3,11 @@
     python benchmarks/data_pipeline.py [--n 500] [--size 256] [--actors 1] [--repeat-n 2]
 
 Both paths stream the same N training rows (a quarter of them simulated and a quarter
-extended/seen anomalies, as in spec §3.4) from a moto S3 server on loopback:
+extended/seen anomalies, as one training epoch) from a moto S3 server on loopback:
 
-(a) the Ray Data pipeline of ``prn_ray.pipeline.train_dataset`` (decode + synthesis as
+(a) the Ray Data pipeline of ``prn_ray.data.ray_data.train_dataset`` (decode + synthesis as
     stateless tasks, EfficientNet-Lite0 features in an actor pool), consumed by the driver;
-(b) a bare single-process loop (``prn_ray.training._local_feature_batches``): read bytes ->
+(b) a bare single-process loop (``prn_ray.data.local.feature_batches``): read bytes ->
     decode -> synthesis -> backbone, same code, same batch size, torch on all cores.
 
 Prints images/s of both, their ratio, and the peak memory (summed PSS of the process tree,
@@ -66,10 +66,12 @@ def main() -> int:
     import torch
 
     from prn_ray.config import load_config
+    from prn_ray.data.local import feature_batches
+    from prn_ray.data.product import ProductData
+    from prn_ray.data.ray_data import train_dataset
+    from prn_ray.data.stages import build_banks, plan_frame
     from prn_ray.model import Backbone
-    from prn_ray.pipeline import ProductData, build_banks, plan_frame, train_dataset
     from prn_ray.runtime import quiet_ray_data
-    from prn_ray.training import _local_feature_batches
 
     moto, endpoint = start_moto()
     os.environ["AWS_ENDPOINT_URL"] = endpoint
@@ -124,7 +126,7 @@ def main() -> int:
                 frame = plan_frame(data, cfg, range(1))
                 with MemorySampler(os.getpid(), {moto.pid}) as mem:
                     t0 = time.perf_counter()
-                    rows = sum(len(b["mask"]) for b in _local_feature_batches(
+                    rows = sum(len(b["mask"]) for b in feature_batches(
                         frame, banks, cfg, args.size, backbone, args.batch))
                     dt = time.perf_counter() - t0
                 results[("bare", n)] = rows / dt

@@ -28,7 +28,6 @@ import argparse
 import logging
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -36,9 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
+from _common import ready_head  # noqa: E402
+
 from prn_ray.config import ModelConfig  # noqa: E402
 from prn_ray.model import PRNHead  # noqa: E402
-from prn_ray.model.reference import NormalReference  # noqa: E402
 
 LITE0 = dict(backbone="tf_efficientnet_lite0", weights="none", attention_blocks=1,
              attention_patch_sizes=[1, 2, 4, 8])
@@ -56,20 +56,11 @@ CHANNELS = {"tf_efficientnet_lite0": [24, 40, 112, 320], "resnet18": [64, 128, 2
 STRIDES = [4, 8, 16, 32]
 
 
-def build(cfg: ModelConfig, size: int, k: int = 68) -> tuple[PRNHead, list[torch.Tensor]]:
+def build(cfg: ModelConfig, size: int) -> tuple[PRNHead, list[torch.Tensor]]:
     channels = CHANNELS[cfg.backbone]
     sizes = [(size // s, size // s) for s in STRIDES]
-    head = PRNHead(cfg, channels, size, sizes)
+    head = ready_head(cfg, channels, sizes, size)
     g = torch.Generator().manual_seed(0)
-    ref = NormalReference(
-        means=[torch.zeros(c) for c in channels], stds=[torch.ones(c) for c in channels],
-        prototypes=[torch.randn(k, c, *hw, generator=g) for c, hw in zip(channels, sizes)][:3],
-        banks=[torch.randn(cfg.prior_bank_size, channels[lv], generator=g)
-               for lv in cfg.prior_levels] if cfg.residual_prior else [],
-        n_normal=677)
-    head.set_reference(ref)
-    if head.memory is not None:
-        head.memory.mark(calibrated=True)  # calibration: identity (sizes and speed only)
     feats = [torch.randn(1, c, *hw, generator=g) for c, hw in zip(channels, sizes)]
     return head.eval(), feats
 

@@ -33,7 +33,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from prn_ray.config import load_config  # noqa: E402
 from prn_ray.demo_data import PRODUCTS, make_dataset  # noqa: E402
 from prn_ray.runtime import quiet_ray_data  # noqa: E402
-from prn_ray.training import train_all  # noqa: E402
+from prn_ray.train.fleet import train_all  # noqa: E402
 
 
 def peak_concurrency(intervals: list[tuple[float, float]]) -> int:

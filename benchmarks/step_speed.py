@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import REPO  # noqa: F401  (repo on sys.path)
+from _common import REPO, ready_head
 
 
 def gemm_rate(dtype, threads: int, n: int = 2048, reps: int = 5) -> float:
@@ -50,10 +50,10 @@ def main() -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from prn_ray.config import load_config
-    from prn_ray.model import PRNHead
+    from prn_ray.engine.optim import native_bf16
+    from prn_ray.engine.trainer import HeadTrainer
     from prn_ray.model.backbone import Backbone
     from prn_ray.model.loss import PRNLoss
-    from prn_ray.training import HeadTrainer, native_bf16
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -66,10 +66,7 @@ def main() -> int:
 
     def fresh_head():
         torch.manual_seed(0)
-        head = PRNHead(cfg.model, channels, size, sizes)
-        head.set_prototypes([torch.randn(max(1, int(0.1 * 600)), c, h, w)
-                             for c, (h, w) in zip(channels[:3], sizes[:3])])
-        return head
+        return ready_head(cfg.model, channels, sizes, size)
 
     loss_fn = PRNLoss.from_config(cfg.train)
 
@@ -94,7 +91,7 @@ def main() -> int:
 
     def project():
         trainer = HeadTrainer(fresh_head(), cfg, torch.device("cpu"), epoch_rows=bs * 1000)
-        trainer._start()
+        trainer.start()
         trainer.model.train()
         return lambda: trainer.step(feats, mask), trainer.precision
 

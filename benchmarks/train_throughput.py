@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 
-from _common import REPO
+from _common import REPO, ready_head
 
 
 def main() -> int:
@@ -38,13 +38,17 @@ def main() -> int:
     import torch
 
     from prn_ray import registry
-    from prn_ray.catalog import build_catalog
     from prn_ray.config import load_config
+    from prn_ray.contracts import FEATURE_COLUMNS
+    from prn_ray.data.catalog import build_catalog
+    from prn_ray.data.local import feature_batches
+    from prn_ray.data.product import ProductData
+    from prn_ray.data.stages import build_banks, plan_frame
     from prn_ray.demo_data import make_dataset
-    from prn_ray.model import Backbone, PRNHead, fit_prototypes
-    from prn_ray.pipeline import FEATURE_COLUMNS, ProductData, build_banks, plan_frame
+    from prn_ray.engine.trainer import HeadTrainer
+    from prn_ray.model import Backbone
     from prn_ray.runtime import quiet_ray_data
-    from prn_ray.training import HeadTrainer, _local_feature_batches, epoch_size, train_all
+    from prn_ray.train.fleet import train_all
 
     work = tempfile.mkdtemp(prefix="prn-train-bench-")
     make_dataset(f"{work}/data", products=("fabric",), n_train=args.n_train, n_good_test=2,
@@ -82,17 +86,13 @@ def main() -> int:
     data = ProductData.from_catalog(catalog[catalog["split"] != "test"], "fabric")
     banks = build_banks(data, {}, cfg, args.size)
     backbone = Backbone(cfg.model.backbone, cfg.model.weights, cfg.storage)
-    batches = list(_local_feature_batches(plan_frame(data, cfg, range(1)), banks, cfg, args.size,
-                                          backbone, args.batch, extra=("epoch",),
-                                          drop_last=True))
-    normals = [b[FEATURE_COLUMNS[j]] for b in batches for j in range(3)]
-    protos = fit_prototypes([torch.cat(normals[j::3]) for j in range(3)],
-                            cfg.model.prototype_ratio, iters=5)
-    head = PRNHead(cfg.model, backbone.channels, args.size,
-                   backbone.feature_sizes((args.size, args.size)))
-    head.set_prototypes(protos)
-    trainer = HeadTrainer(head, cfg, torch.device("cpu"), epoch_size(data, cfg))
-    trainer._start()
+    batches = list(feature_batches(plan_frame(data, cfg, range(1)), banks, cfg, args.size,
+                                   backbone, args.batch, extra=("epoch",), drop_last=True))
+    head = ready_head(cfg.model, backbone.channels,
+                      backbone.feature_sizes((args.size, args.size)), args.size,
+                      n_normal=len(data.train_normals))
+    trainer = HeadTrainer(head, cfg, torch.device("cpu"), data.epoch_rows(cfg))
+    trainer.start()
     trainer.model.train()
     trainer.step([batches[0][c] for c in FEATURE_COLUMNS], batches[0]["mask"])  # warm-up
     n = sum(steps)

@@ -23,15 +23,17 @@ except ImportError:  # run from a checkout (ray job submit --working-dir .) with
     sys.path.insert(0, str(REPO))
 
 from prn_ray import demo_data, storage  # noqa: E402
-from prn_ray.catalog import build_catalog  # noqa: E402
 from prn_ray.cli import config_from_args, job_parser  # noqa: E402
+from prn_ray.console import progress  # noqa: E402
+from prn_ray.data.catalog import build_catalog  # noqa: E402
 from prn_ray.evaluation import evaluate_models, evaluate_scores  # noqa: E402
 from prn_ray.report import markdown_table  # noqa: E402
-from prn_ray.runtime import init_ray, progress  # noqa: E402
-from prn_ray.scoring import format_summary as score_summary  # noqa: E402
-from prn_ray.scoring import score, today_utc  # noqa: E402
-from prn_ray.training import format_summary as train_summary  # noqa: E402
-from prn_ray.training import train_all  # noqa: E402
+from prn_ray.runtime import init_ray  # noqa: E402
+from prn_ray.scoring.run import format_summary as score_summary  # noqa: E402
+from prn_ray.scoring.run import score  # noqa: E402
+from prn_ray.scoring.table import today_utc  # noqa: E402
+from prn_ray.train.fleet import format_summary as train_summary  # noqa: E402
+from prn_ray.train.fleet import train_all  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

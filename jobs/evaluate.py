@@ -22,9 +22,10 @@ except ImportError:  # run from a checkout (ray job submit --working-dir .) with
 
 from prn_ray import storage
 from prn_ray.cli import config_from_args, job_parser
+from prn_ray.console import progress
 from prn_ray.evaluation import evaluate_models, evaluate_scores
 from prn_ray.report import markdown_table
-from prn_ray.runtime import init_ray, progress
+from prn_ray.runtime import init_ray
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,9 +21,11 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prn_ray import catalog, storage
+from prn_ray import storage
 from prn_ray.cli import names
 from prn_ray.config import StorageConfig
+from prn_ray.data import manifest
+from prn_ray.data.catalog import scan_mvtec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     scfg = StorageConfig(endpoint_url=args.endpoint_url)
     if args.layout == "paired-mask":
-        df = catalog.paired_mask_manifest(
+        df = manifest.paired_mask_manifest(
             args.root,
             scfg,
             product=args.product,
@@ -75,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {len(unpaired)} mask(s) without an image, e.g. "
                   f"{storage.redact(unpaired[0])}", file=sys.stderr)
     else:
-        df = catalog.scan_mvtec(args.root, scfg)
-    catalog.write_manifest(df, args.out, scfg, relative=args.relative)
+        df = scan_mvtec(args.root, scfg)
+    manifest.write_manifest(df, args.out, scfg, relative=args.relative)
     counts = df.groupby(["product", "split", "label", "defect_type"]).size()
     print(counts.to_string())
     no_mask = int(((df["label"] == "anomaly") & (df["mask_uri"] == "")).sum())

@@ -30,7 +30,8 @@ except ImportError:  # run from a checkout (ray job submit --working-dir .) with
 
 from prn_ray.cli import config_from_args, job_parser
 from prn_ray.runtime import init_ray
-from prn_ray.scoring import check_date, format_summary, score, today_utc
+from prn_ray.scoring.run import format_summary, score
+from prn_ray.scoring.table import check_date, today_utc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,9 +20,10 @@ except ImportError:  # run from a checkout (ray job submit --working-dir .) with
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prn_ray.cli import config_from_args, job_parser
-from prn_ray.runtime import init_ray, progress
-from prn_ray.training import format_summary, train_all, training_inputs
-from prn_ray.tuning import load_best
+from prn_ray.console import progress
+from prn_ray.runtime import init_ray
+from prn_ray.train.fleet import format_summary, train_all, training_inputs
+from prn_ray.train.tuning import load_best
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ class StorageConfig:
 
     endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, Ceph, moto); else AWS env vars
     region: str | None = None
-    models_uri: str = "runs/models"  # model registry root (DESIGN §3)
+    models_uri: str = "runs/models"  # model registry root (see prn_ray.registry)
     runs_uri: str = "runs/train"  # Ray Train/Tune storage, run summaries, quarantine reports
 
 
@@ -50,9 +50,9 @@ class DataConfig:
 
 @dataclass
 class SynthesisConfig:
-    """Anomaly synthesis (spec §3). Weights are relative shares of one epoch."""
+    """Anomaly synthesis (PRN's anomaly generation strategies). Weights are relative shares of one epoch."""
 
-    normal_share: float = 1.0  # normals per epoch, as a multiple of N_normal (spec §3.4: 1)
+    normal_share: float = 1.0  # normals per epoch, as a multiple of N_normal (1)
     real_share: float = 0.5  # raw seen + extended anomalies (spec: N_n // 2)
     simulated_share: float = 0.5  # Perlin anomalies (spec: N_n // 2)
     raw_seen_reuse: int = 5  # each seen anomaly appears raw this many times per epoch (spec: 5)
@@ -62,7 +62,7 @@ class SynthesisConfig:
     perlin_max_scale: int = 5
     perlin_threshold: float = 0.5
     rotate_normal_prob: float = 0.3
-    # Source of the foreign appearance A in simulated anomalies (spec §3.3, Table 5 ablation):
+    # Source of the foreign appearance A in simulated anomalies (the paper's Table 5 ablation):
     # texture (TA), homologous (HOA: same-product normals), heterologous (HEA: other products).
     source_weights: dict[str, float] = field(
         default_factory=lambda: {"texture": 0.6, "homologous": 0.2, "heterologous": 0.2}
@@ -136,7 +136,6 @@ class TrainConfig:
     channels_last: bool = True
     seed: int = 0
     val_every_epochs: int = 1
-    checkpoint_every_epochs: int = 1
     early_stop_patience: int | None = None  # validations without improvement
     # Best-epoch selection: a validation metric; real_mean = mean of the four metrics on the
     # held-out real defects (and their extended copies) vs held-out normals.

@@ -14,19 +14,26 @@ score and label so anyone can recompute the numbers independently.
 from __future__ import annotations
 
 import io
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from prn_ray import images, metrics, storage
 from prn_ray.config import Config, StorageConfig
-from prn_ray.report import ExampleImage, ProductEvaluation, select_examples, write_report, \
-    write_tables
-from prn_ray.runtime import progress
+from prn_ray.console import progress
+from prn_ray.contracts import new_id
+from prn_ray.data.catalog import build_catalog
+from prn_ray.report import (
+    ExampleImage,
+    ProductEvaluation,
+    select_examples,
+    write_report,
+    write_tables,
+)
+from prn_ray.runner import RegisteredModels
+from prn_ray.scoring.table import png_to_map, read_scores
 
 
 class EvalScorer:
@@ -34,30 +41,17 @@ class EvalScorer:
 
     def __init__(self, storage_cfg: StorageConfig, product: str, version: str,
                  threads: int = 1):
-        from prn_ray import registry
-
-        torch.set_num_threads(max(1, threads))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = registry.load(storage_cfg, product, version).build(self.device)
-        if self.device.type == "cpu":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.runner = RegisteredModels(storage_cfg, threads=threads)
+        self.model = self.runner.get(product, version)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from prn_ray.pipeline import images_to_tensor
-
         ok = images.error_free(batch["error"])
         n, s = len(ok), batch["image"].shape[1]
         maps = np.zeros((n, s, s), np.float32)  # float16 ties probabilities above 0.9995
         scores = np.full(n, np.nan, np.float32)
         ms = np.zeros(n, np.float32)
         if ok.any():
-            x = images_to_tensor(batch["image"][ok], self.device)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = self.model(x)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            ms[ok] = 1e3 * (time.perf_counter() - t0) / int(ok.sum())
+            out, ms[ok] = self.runner.run(self.model, batch["image"][ok])
             maps[ok] = out.anomaly_map[:, 0].float().cpu().numpy()
             scores[ok] = out.score.float().cpu().numpy()
         errors = np.array(["" if good else str(e) for good, e in zip(ok, batch["error"])],
@@ -72,7 +66,7 @@ class ProductResult:
     """Everything measured for one product (kept in memory until the report is written)."""
 
     evaluation: ProductEvaluation
-    maps: np.ndarray  # N x S x S float16
+    maps: np.ndarray  # N x S x S float32
     masks: np.ndarray  # N x S x S uint8
     uris: list[str]
     errors: dict[str, str]
@@ -94,12 +88,12 @@ def evaluate_product(cfg: Config, product: str, test: pd.DataFrame, version: str
     import ray
 
     from prn_ray import registry
-    from prn_ray.pipeline import _frame_dataset, decode_stage
+    from prn_ray.data.ray_data import decode_stage, frame_dataset
 
     mv = registry.load(cfg.storage, product, version)
     frame = test[["image_uri", "mask_uri", "label", "defect_type"]].reset_index(drop=True)
     frame["mask_uri"] = frame["mask_uri"].fillna("")
-    ds = decode_stage(_frame_dataset(frame, cfg), cfg, mv.image_size)
+    ds = decode_stage(frame_dataset(frame, cfg), cfg, mv.image_size)
     ds = ds.map_batches(
         EvalScorer, fn_constructor_kwargs={"storage_cfg": cfg.storage, "product": product,
                                            "version": mv.version,
@@ -159,13 +153,12 @@ def evaluate_models(cfg: Config, products: list[str] | None = None, out_uri: str
                     ) -> tuple[list[ProductEvaluation], str]:
     """Evaluate the registered model of each product on its test split; returns the
     evaluations and the output URI (results.json/.md, report.html, maps/)."""
-    from prn_ray.catalog import build_catalog
     from prn_ray.registry import RegistryError
 
     catalog = build_catalog(cfg)
     wanted = list(products or cfg.data.products or catalog.products)
     out_uri = out_uri or storage.join(cfg.storage.runs_uri, "eval",
-                                      time.strftime("eval-%Y%m%d-%H%M%S", time.gmtime()))
+                                      new_id("eval-"))
     evaluations = []
     for product in wanted:
         test = catalog.df[(catalog.df["product"] == product) & (catalog.df["split"] == "test")]
@@ -200,13 +193,11 @@ def evaluate_scores(cfg: Config, scores_uri: str, date: str | None = None,
     """Check committed nightly scores against the catalog's ground truth, at each image's own
     resolution. Only the catalog's test split counts: scored images that the catalog does not
     know, or that were training data (train, seen, val), are left out (counted in ``info``)."""
-    from prn_ray.catalog import build_catalog
-    from prn_ray.scoring import png_to_map, read_scores
 
     catalog = build_catalog(cfg).df
     rows = read_scores(scores_uri, cfg.storage, date=date, products=products)
     out_uri = out_uri or storage.join(cfg.storage.runs_uri, "eval-scores",
-                                      time.strftime("eval-%Y%m%d-%H%M%S", time.gmtime()))
+                                      new_id("eval-"))
     evaluations = []
     for product, part in rows.groupby("product", sort=True):
         truth = catalog[(catalog["product"] == product)

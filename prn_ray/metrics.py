@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics: image AUROC, pixel AUROC, pixel AP and AUPRO (spec §6).
+"""Anomaly-detection metrics: image AUROC, pixel AUROC, pixel AP and AUPRO@0.3.
 
 All metrics are exact (every distinct score value is a threshold), tie-correct, and computed
 from ONE descending sort of the scores with float64 accumulation. The sorted order is walked in
@@ -51,12 +51,25 @@ is then exactly the metric of the scores quantised to B equal bins over ``score_
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
+from prn_ray.curves import (
+    Curve,
+    UndefinedMetricWarning,
+    check_limit,
+    collect,
+    counts,
+    decimate,
+    integrate,
+    pro_points,
+    region_weights,
+    roc_points,
+    walk,
+)
 
 __all__ = [
     "UndefinedMetricWarning",
@@ -75,10 +88,6 @@ __all__ = [
 # 8-connectivity inside each image, no connectivity across the batch axis.
 _STRUCTURE_8 = np.zeros((3, 3, 3), dtype=bool)
 _STRUCTURE_8[1] = True
-
-
-class UndefinedMetricWarning(UserWarning):
-    """A metric is undefined for the given data (one class only, no region, ...); nan returned."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,11 +155,6 @@ def _flat_inputs(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
     return y, s
 
 
-def _undefined(msg: str) -> float:
-    warnings.warn(msg, UndefinedMetricWarning, stacklevel=3)
-    return math.nan
-
-
 def label_regions(masks: Any) -> tuple[np.ndarray, np.ndarray]:
     """8-connected GT regions of each image, numbered globally.
 
@@ -165,205 +169,34 @@ def label_regions(masks: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# core: one descending sort, walked in chunks; points at the end of every tie group
-
-_CHUNK = 1 << 18  # sorted items per step of the walk (bounds the temporaries)
-
-
-class _Curve:
-    """Curve points after distinct thresholds, descending, cumulative (no (0, 0) point)."""
-
-    __slots__ = ("thresholds", "tp", "fp", "pro")
-
-    def __init__(
-        self, thresholds: np.ndarray, tp: np.ndarray, fp: np.ndarray, pro: np.ndarray | None
-    ) -> None:
-        self.thresholds = thresholds  # float64, strictly decreasing
-        self.tp = tp  # int64: positives with score >= threshold
-        self.fp = fp  # int64: negatives with score >= threshold
-        self.pro = pro  # float64: PRO of score >= threshold, or None
-
-
-def _walk(
-    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
-) -> Iterator[_Curve]:
-    """Sort ``scores`` once (descending) and yield the curve points chunk by chunk.
-
-    ``labels``: bool (positive) or int region ids (0 = normal, r > 0 = region r).
-    ``weights[r]``: PRO weight of one pixel of region r, i.e. 1 / (size_r * n_regions), index 0
-    = 0. Beyond the sort permutation only O(chunk) temporaries are allocated.
-    """
-    s, lab = scores.ravel(), labels.ravel()
-    n, chunk = s.size, _CHUNK
-    order = np.argsort(s)[::-1]
-    tp0, w0 = 0, 0.0
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        idx = order[a:b]
-        sc = s[idx]
-        is_end = np.empty(b - a, dtype=bool)
-        np.not_equal(sc[:-1], sc[1:], out=is_end[:-1])
-        is_end[-1] = b == n or sc[-1] != s[order[b]]
-        ends = np.flatnonzero(is_end)
-        li = lab[idx]
-        tp = np.cumsum(li > 0, dtype=np.int64)
-        tp += tp0
-        tp0 = int(tp[-1])
-        pro = None
-        if weights is not None:
-            w = weights[li]
-            np.cumsum(w, out=w)
-            w += w0
-            w0 = float(w[-1])
-            pro = w[ends]
-        tp = tp[ends]
-        yield _Curve(sc[ends].astype(np.float64), tp, a + 1 + ends - tp, pro)
-
-
-class _Integrals:
-    """AUROC, AP and the PRO area up to ``fpr_limit``, accumulated over a stream of points."""
-
-    def __init__(self, n_pos: int, n_neg: int, fpr_limit: float = 1.0) -> None:
-        self.n_pos, self.n_neg, self.limit = n_pos, n_neg, fpr_limit
-        self.tp, self.fp, self.pro = 0, 0, 0.0  # last point; the curves start at (0, 0)
-        self.auc2 = self.ap_sum = self.pro_area = 0.0
-        self.pro_open = True
-
-    def add(self, c: _Curve) -> None:
-        if c.tp.size == 0:
-            return
-        tp = np.concatenate(([self.tp], c.tp)).astype(np.float64)
-        fp = np.concatenate(([self.fp], c.fp)).astype(np.float64)
-        self.auc2 += float(np.dot(np.diff(fp), tp[1:] + tp[:-1]))  # 2 x trapezoid, in counts
-        self.ap_sum += float(np.dot(np.diff(tp), tp[1:] / (tp[1:] + fp[1:])))
-        if c.pro is not None and self.pro_open and self.n_neg:
-            x, y = fp / self.n_neg, np.concatenate(([self.pro], c.pro))
-            k = int(np.searchsorted(x, self.limit, side="right"))  # x[0] <= limit while open
-            self.pro_area += float(np.trapezoid(y[:k], x[:k]))
-            if k < x.size:  # crosses the limit: add the piece up to it, interpolated
-                self.pro_open = False
-                x0, x1, y0, y1 = x[k - 1], x[k], y[k - 1], y[k]
-                if x0 < self.limit:
-                    y_lim = y0 + (y1 - y0) * (self.limit - x0) / (x1 - x0)
-                    self.pro_area += (self.limit - x0) * (y0 + y_lim) / 2
-            self.pro = float(c.pro[-1])
-        self.tp, self.fp = int(c.tp[-1]), int(c.fp[-1])
-
-    def auroc(self, what: str) -> float:
-        if self.n_pos == 0 or self.n_neg == 0:
-            return _undefined(f"{what}: only one class present; AUROC is undefined (nan)")
-        return self.auc2 / (2.0 * self.n_pos * self.n_neg)
-
-    def ap(self, what: str) -> float:
-        if self.n_pos == 0:
-            return _undefined(f"{what}: no positive present; AP is undefined (nan)")
-        return self.ap_sum / self.n_pos
-
-    def aupro(self, n_regions: int) -> float:
-        if n_regions == 0:
-            return _undefined("aupro: no anomalous pixel (no GT region); AUPRO is undefined (nan)")
-        if self.n_neg == 0:
-            return _undefined("aupro: no GT-normal pixel, FPR is undefined; AUPRO is nan")
-        return self.pro_area / self.limit
-
-
-def _integrate(
-    points: Iterable[_Curve], n_pos: int, n_neg: int, fpr_limit: float = 1.0
-) -> _Integrals:
-    it = _Integrals(n_pos, n_neg, fpr_limit)
-    for c in points:
-        it.add(c)
-    return it
-
-
-def _collect(points: Iterable[_Curve]) -> _Curve:
-    parts = list(points)
-    pro = None if not parts or parts[0].pro is None else np.concatenate([p.pro for p in parts])
-    cat = (lambda f, dt: np.concatenate([getattr(p, f) for p in parts]) if parts
-           else np.zeros(0, dt))
-    return _Curve(cat("thresholds", np.float64), cat("tp", np.int64), cat("fp", np.int64), pro)
-
-
-def _counts(labels: np.ndarray) -> tuple[int, int]:
-    n_pos = int(np.count_nonzero(labels))
-    return n_pos, labels.size - n_pos
-
-
-def _roc_points(c: _Curve, n_pos: int, n_neg: int) -> tuple[np.ndarray, ...]:
-    return (
-        np.concatenate(([0.0], c.fp / n_neg)),
-        np.concatenate(([0.0], c.tp / n_pos)),
-        np.concatenate(([np.inf], c.thresholds)),
-    )
-
-
-def _pro_points(c: _Curve, n_neg: int, fpr_limit: float | None) -> tuple[np.ndarray, ...]:
-    assert c.pro is not None
-    x = np.concatenate(([0.0], c.fp / n_neg))
-    y = np.concatenate(([0.0], c.pro))
-    t = np.concatenate(([np.inf], c.thresholds))
-    if fpr_limit is None:
-        return x, y, t
-    # points with x <= limit plus, if needed, y interpolated at x = limit (threshold nan)
-    k = int(np.searchsorted(x, fpr_limit, side="right"))
-    xs, ys, ts = x[:k], y[:k], t[:k]
-    if k < x.size and xs[-1] < fpr_limit:
-        x0, x1, y0, y1 = x[k - 1], x[k], y[k - 1], y[k]
-        y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
-        xs, ys, ts = np.append(xs, fpr_limit), np.append(ys, y_lim), np.append(ts, np.nan)
-    return xs, ys, ts
-
-
-def _check_limit(fpr_limit: float) -> float:
-    if not 0.0 < fpr_limit <= 1.0:
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    return float(fpr_limit)
-
-
-def _region_weights(sizes: np.ndarray) -> np.ndarray:
-    w = np.zeros(sizes.size + 1, dtype=np.float64)
-    if sizes.size:
-        w[1:] = 1.0 / (sizes.astype(np.float64) * sizes.size)
-    return w
-
-
-def _decimate(max_points: int | None, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    n = arrays[0].size
-    if max_points is None or n <= max_points:
-        return arrays
-    idx = np.unique(np.linspace(0, n - 1, max(int(max_points), 2)).round().astype(np.int64))
-    return tuple(a[idx] for a in arrays)
-
-
-# ---------------------------------------------------------------------------------------------
 # one-shot public API
 
 
 def image_auroc(labels: Any, scores: Any) -> float:
     """ROC-AUC of image scores vs. image labels (nan + warning with one class only)."""
     y, s = _flat_inputs(labels, scores)
-    return _integrate(_walk(s, y), *_counts(y)).auroc("image_auroc")
+    return integrate(walk(s, y), *counts(y)).auroc("image_auroc")
 
 
 def pixel_auroc(masks: Any, maps: Any) -> float:
     """ROC-AUC over all pixels of all images (flattened)."""
     m, s = _pixel_inputs(masks, maps)
-    return _integrate(_walk(s, m), *_counts(m)).auroc("pixel_auroc")
+    return integrate(walk(s, m), *counts(m)).auroc("pixel_auroc")
 
 
 def pixel_ap(masks: Any, maps: Any) -> float:
     """Average precision over all pixels, as ``sklearn.metrics.average_precision_score``."""
     m, s = _pixel_inputs(masks, maps)
-    return _integrate(_walk(s, m), *_counts(m)).ap("pixel_ap")
+    return integrate(walk(s, m), *counts(m)).ap("pixel_ap")
 
 
 def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit`` (MVTec definition, exact)."""
-    fpr_limit = _check_limit(fpr_limit)
+    fpr_limit = check_limit(fpr_limit)
     m, s = _pixel_inputs(masks, maps)
     ids, sizes = label_regions(m)
     del m
-    it = _integrate(_walk(s, ids, _region_weights(sizes)), *_counts(ids), fpr_limit)
+    it = integrate(walk(s, ids, region_weights(sizes)), *counts(ids), fpr_limit)
     return it.aupro(sizes.size)
 
 
@@ -374,11 +207,11 @@ def roc_curve(
     (0, 0) with ``thresholds[0] = inf`` like scikit-learn. Works for image labels/scores and for
     masks/maps (flattened). ``max_points`` evenly subsamples long curves for plotting."""
     y, s = _flat_inputs(labels, scores)
-    n_pos, n_neg = _counts(y)
+    n_pos, n_neg = counts(y)
     if n_pos == 0 or n_neg == 0:
         raise ValueError("roc_curve needs both classes")
-    points = _roc_points(_collect(_walk(s, y)), n_pos, n_neg)
-    return _decimate(max_points, points)  # type: ignore[return-value]
+    points = roc_points(collect(walk(s, y)), n_pos, n_neg)
+    return decimate(max_points, points)  # type: ignore[return-value]
 
 
 def pro_curve(
@@ -386,14 +219,14 @@ def pro_curve(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(fpr, pro, thresholds)`` of the PRO curve, from (0, 0, inf). With ``fpr_limit`` the curve
     stops at that FPR with an interpolated last point (its threshold is nan)."""
-    limit = None if fpr_limit is None else _check_limit(fpr_limit)
+    limit = None if fpr_limit is None else check_limit(fpr_limit)
     m, s = _pixel_inputs(masks, maps)
     ids, sizes = label_regions(m)
-    n_pos, n_neg = _counts(ids)
+    n_pos, n_neg = counts(ids)
     if sizes.size == 0 or n_neg == 0:
         raise ValueError("pro_curve needs at least one GT region and one normal pixel")
-    c = _collect(_walk(s, ids, _region_weights(sizes)))
-    return _decimate(max_points, _pro_points(c, n_neg, limit))  # type: ignore[return-value]
+    c = collect(walk(s, ids, region_weights(sizes)))
+    return decimate(max_points, pro_points(c, n_neg, limit))  # type: ignore[return-value]
 
 
 def f1_optimal_threshold(labels: Any, scores: Any) -> tuple[float, float]:
@@ -403,10 +236,10 @@ def f1_optimal_threshold(labels: Any, scores: Any) -> tuple[float, float]:
     the best F1 exactly on these data (``nextafter(min, -inf)`` if everything is flagged).
     """
     y, s = _flat_inputs(labels, scores)
-    n_pos, _ = _counts(y)
+    n_pos, _ = counts(y)
     if n_pos == 0:
         raise ValueError("f1_optimal_threshold needs at least one positive")
-    c = _collect(_walk(s, y))
+    c = collect(walk(s, y))
     f1 = 2.0 * c.tp / (c.tp + c.fp + n_pos)
     i = int(np.argmax(f1))
     if i + 1 < c.thresholds.size:
@@ -456,7 +289,7 @@ class PixelMetricAccumulator:
         score_range: tuple[float, float] = (0.0, 1.0),
         score_dtype: Any = np.float32,
     ) -> None:
-        self.fpr_limit = _check_limit(fpr_limit)
+        self.fpr_limit = check_limit(fpr_limit)
         self.bins = None if bins is None else int(bins)
         if self.bins is not None and self.bins < 1:
             raise ValueError("bins must be >= 1")
@@ -551,7 +384,7 @@ class PixelMetricAccumulator:
         self._img_labels += other._img_labels
         return self
 
-    def _pixels(self) -> tuple[Callable[[], Iterable[_Curve]], int, int] | None:
+    def _pixels(self) -> tuple[Callable[[], Iterable[Curve]], int, int] | None:
         """(a function that walks the curve points, n_pos, n_neg), or None if no pixel."""
         if self.bins is None:
             if not self._scores:
@@ -561,12 +394,12 @@ class PixelMetricAccumulator:
                 self._ids = [np.concatenate(self._ids)]
                 self._sizes = [np.concatenate(self._sizes)]
             s, ids, sizes = self._scores[0], self._ids[0], self._sizes[0]
-            return (lambda: _walk(s, ids, _region_weights(sizes))), *_counts(ids)
+            return (lambda: walk(s, ids, region_weights(sizes))), *counts(ids)
         keep = np.flatnonzero((self._h_neg + self._h_pos) > 0)[::-1]  # non-empty bins, desc
         if keep.size == 0:
             return None
         lo, hi = self.score_range
-        c = _Curve(
+        c = Curve(
             lo + keep * ((hi - lo) / self.bins),  # lower bin edges
             np.cumsum(self._h_pos[keep]),
             np.cumsum(self._h_neg[keep]),
@@ -579,12 +412,12 @@ class PixelMetricAccumulator:
         out = dict.fromkeys(("image_auroc", "pixel_auroc", "aupro", "pixel_ap"), math.nan)
         if self._img_scores:
             y = np.concatenate(self._img_labels)
-            it = _integrate(_walk(np.concatenate(self._img_scores), y), *_counts(y))
+            it = integrate(walk(np.concatenate(self._img_scores), y), *counts(y))
             out["image_auroc"] = it.auroc("image_auroc")
         px = self._pixels()
         if px is not None:
             points, n_pos, n_neg = px
-            it = _integrate(points(), n_pos, n_neg, self.fpr_limit)
+            it = integrate(points(), n_pos, n_neg, self.fpr_limit)
             out["pixel_auroc"] = it.auroc("pixel_auroc")
             out["pixel_ap"] = it.ap("pixel_ap")
             out["aupro"] = it.aupro(self.n_regions)
@@ -597,10 +430,10 @@ class PixelMetricAccumulator:
         px = self._pixels()
         if px is not None and px[1] and px[2]:
             points, n_pos, n_neg = px
-            c = _collect(points())
-            out["pixel_roc"] = _decimate(max_points, _roc_points(c, n_pos, n_neg))
+            c = collect(points())
+            out["pixel_roc"] = decimate(max_points, roc_points(c, n_pos, n_neg))
             if self.n_regions:
-                out["pro"] = _decimate(max_points, _pro_points(c, n_neg, self.fpr_limit))
+                out["pro"] = decimate(max_points, pro_points(c, n_neg, self.fpr_limit))
         if self._img_scores:
             y = np.concatenate(self._img_labels)
             if y.any() and not y.all():

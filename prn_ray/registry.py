@@ -1,4 +1,4 @@
-"""Model registry (DESIGN §3): one immutable folder per trained version, ``LATEST`` written last.
+"""Model registry: one immutable folder per trained version, ``LATEST`` written last.
 
 Layout under ``storage.models_uri``::
 
@@ -17,8 +17,6 @@ Weights are stored and read only as safetensors: loading never unpickles anythin
 from __future__ import annotations
 
 import json
-import secrets
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +26,7 @@ from safetensors.torch import save as st_save
 
 from prn_ray import storage
 from prn_ray.config import Config, StorageConfig, from_dict
+from prn_ray.contracts import cpu_tensors, dumps, new_id
 
 REQUIRED_FILES = ("model.safetensors", "backbone.safetensors", "config.json", "calibration.json",
                   "metrics.json")
@@ -68,12 +67,7 @@ class ModelVersion:
 
 def new_version() -> str:
     """Sortable, unique: UTC timestamp plus a random suffix (two jobs in one second differ)."""
-    return time.strftime("v%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
-def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared or non-contiguous storage; clone to be safe and CPU-resident.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    return new_id("v")
 
 
 def publish(
@@ -101,11 +95,11 @@ def publish(
         raise RegistryError(f"model version {product}/{version} already exists; versions are immutable")
     meta = {"product": product, "version": version, "format": "prn_ray/1"}
     storage.write_bytes(
-        storage.join(root, "model.safetensors"), st_save(_tensors(head_state), metadata=meta), scfg
+        storage.join(root, "model.safetensors"), st_save(cpu_tensors(head_state), metadata=meta), scfg
     )
     storage.write_bytes(
         storage.join(root, "backbone.safetensors"),
-        st_save(_tensors(backbone_state), metadata={**meta, "weights": cfg.model.weights}),
+        st_save(cpu_tensors(backbone_state), metadata={**meta, "weights": cfg.model.weights}),
         scfg,
     )
     config_doc = {"product": product, "version": version, "image_size": image_size,
@@ -141,6 +135,23 @@ def list_products(storage_cfg: StorageConfig) -> list[str]:
             if storage.exists(storage.join(root, p, "LATEST"), storage_cfg)]
 
 
+def describe(storage_cfg: StorageConfig, product: str, version: str | None = None
+             ) -> tuple[str, int, float]:
+    """(version, image_size, calibrated threshold) of a registered model without reading its
+    weights. Raises :class:`RegistryError` with the reason when the product has no (complete)
+    model."""
+    version = version or latest_version(storage_cfg, product)
+    root = storage.join(storage_cfg.models_uri, product, version) if version else None
+    if root is None or not all(storage.exists(storage.join(root, f), storage_cfg)
+                               for f in REQUIRED_FILES):
+        mv = load(storage_cfg, product, version)  # raises, with the reason
+        return mv.version, mv.image_size, mv.threshold
+    config_doc = json.loads(storage.read_text(storage.join(root, "config.json"), storage_cfg))
+    calibration = json.loads(storage.read_text(storage.join(root, "calibration.json"),
+                                               storage_cfg))
+    return version, int(config_doc["image_size"]), float(calibration["threshold"])
+
+
 def load(storage_cfg: StorageConfig, product: str, version: str | None = None) -> ModelVersion:
     """Read a version (default: ``LATEST``). Raises :class:`RegistryError` with the reason."""
     version = version or latest_version(storage_cfg, product)
@@ -172,12 +183,4 @@ def load(storage_cfg: StorageConfig, product: str, version: str | None = None) -
 
 
 def _dumps(doc: Any) -> str:
-    return json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n"
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    return dumps(doc, indent=2, sort_keys=True) + "\n"

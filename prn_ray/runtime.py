@@ -8,16 +8,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
-import time
 
 import ray
 
 from prn_ray.config import Config
-
-log = logging.getLogger("prn_ray")
 
 
 def init_ray(cfg: Config) -> None:
@@ -51,22 +46,3 @@ def quiet_ray_data() -> None:
         ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     except AttributeError:  # older Ray without issue detectors
         pass
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-    )
-
-
-def progress(product: str, message: str) -> None:
-    """One progress line a person can follow (``[product] message``), flushed immediately.
-
-    Written to stdout directly: Ray Train patches ``print`` on its workers, which would echo
-    every line twice through the driver.
-    """
-    sys.stdout.write(f"{time.strftime('%H:%M:%S')} [{product}] {message}\n")
-    sys.stdout.flush()

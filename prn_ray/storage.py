@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import os
 import posixpath
 import re
@@ -133,12 +132,6 @@ def is_file(uri: str, cfg: StorageConfig | None = None) -> bool:
     return loc.fs.get_file_info(loc.path).type == pafs.FileType.File
 
 
-def makedirs(uri: str, cfg: StorageConfig | None = None) -> None:
-    loc = resolve(uri, cfg)
-    if loc.scheme == "file":
-        os.makedirs(loc.path, exist_ok=True)
-
-
 def list_files(
     uri: str,
     cfg: StorageConfig | None = None,
@@ -205,18 +198,6 @@ def delete_file(uri: str, cfg: StorageConfig | None = None) -> None:
     loc = resolve(uri, cfg)
     if loc.fs.get_file_info(loc.path).type == pafs.FileType.File:
         loc.fs.delete_file(loc.path)
-
-
-def open_output(uri: str, cfg: StorageConfig | None = None) -> io.RawIOBase:
-    loc = resolve(uri, cfg)
-    if loc.scheme == "file":
-        os.makedirs(posixpath.dirname(loc.path), exist_ok=True)
-    return loc.fs.open_output_stream(loc.path)
-
-
-def local_path_or_none(uri: str) -> str | None:
-    """The local path of a local URI, or None for object storage."""
-    return None if is_s3(uri) else resolve(uri).path
 
 
 # ----------------------------------------------------------------------------- secrets

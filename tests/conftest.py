@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from helpers import free_port, new_bucket, wait_port
 
 # Dummy credentials for the loopback server; set before anything imports boto/pyarrow S3.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-key-id")
@@ -28,22 +23,6 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # Tests must not try to reach the internet for weights.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"moto_server did not listen on port {port} within {timeout}s")
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +40,7 @@ def s3_endpoint():
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_port(port)
+        wait_port(port)
         url = f"http://127.0.0.1:{port}"
         old = os.environ.get("AWS_ENDPOINT_URL")
         os.environ["AWS_ENDPOINT_URL"] = url
@@ -76,15 +55,6 @@ def s3_endpoint():
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-def new_bucket(endpoint: str, prefix: str = "test") -> str:
-    """Create a fresh, empty bucket on the loopback server; returns ``s3://<bucket>``."""
-    import boto3
-
-    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
-    return f"s3://{name}"
 
 
 @pytest.fixture
@@ -126,11 +96,3 @@ def _ray_env() -> dict[str, str]:
         "HF_HUB_OFFLINE",
     )
     return {k: os.environ[k] for k in keys if k in os.environ}
-
-
-def shared_data(name: str) -> Path:
-    """Path of a real dataset under ../shared/data, or skip the test with a message."""
-    path = SHARED_DATA / name
-    if not path.is_dir():
-        pytest.skip(f"real data {path} is absent (development-only dataset); skipping")
-    return path

@@ -21,8 +21,9 @@ except ImportError:  # run from a checkout (ray job submit --working-dir .) with
 
 from prn_ray import storage
 from prn_ray.cli import config_from_args, job_parser
-from prn_ray.runtime import init_ray, progress
-from prn_ray.tuning import format_table, tune_all, tune_root
+from prn_ray.console import progress
+from prn_ray.runtime import init_ray
+from prn_ray.train.tuning import format_summary, tune_all, tune_root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     init_ray(cfg)
     docs = tune_all(cfg, args.products, samples=args.samples, study_id=args.study_id)
-    print(format_table(docs), flush=True)
+    print(format_summary(docs), flush=True)
     if docs:
         progress("tune", f"results under {storage.redact(tune_root(cfg, docs[0]['study']))}")
     return 0 if all("error" not in d for d in docs) else 1

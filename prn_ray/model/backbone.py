@@ -1,6 +1,6 @@
 """Frozen timm encoder giving the four feature levels PRN needs (strides 4, 8, 16, 32).
 
-Weight sources (``ModelConfig.weights``, DESIGN §4):
+Weight sources (``ModelConfig.weights``):
 
 - ``hub``: timm ``pretrained=True`` (needs internet or a filled HF cache);
 - ``none``: random init, for tests only; labelled in ``weights_label`` and logged as a warning;
@@ -12,7 +12,7 @@ Weight sources (``ModelConfig.weights``, DESIGN §4):
 
 The backbone is always in eval mode and has no trainable parameters: the prototypes are
 computed with eval-mode features, and BatchNorm in train mode would make the features drift
-away from them (spec §2.1 pitfall, §8 #3).
+away from them (a pitfall of the public re-implementation, which lets them drift).
 """
 
 from __future__ import annotations
@@ -206,8 +206,12 @@ class Backbone(nn.Module):
                                f"not {name!r}")
         pretrained = weights == "hub" and state is None
         try:
-            self.body = timm.create_model(name, features_only=True, pretrained=pretrained,
-                                          out_indices=out_indices)
+            # Random init is seeded: every process (reference pass, feature actors, the driver's
+            # seen-defect features) builds the same network, so their features agree.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.body = timm.create_model(name, features_only=True, pretrained=pretrained,
+                                              out_indices=out_indices)
         except (OSError, RuntimeError) as exc:
             if not pretrained:
                 raise

@@ -24,7 +24,7 @@ def group_count(channels: int, max_groups: int = 32, min_per_group: int = 4) -> 
 def make_norm(kind: NormKind, channels: int) -> nn.Module:
     # GroupNorm is the default: it has no running statistics, so eval-mode output equals what
     # training saw (BatchNorm running stats lagging the weights flattened eval maps in the
-    # reference run, see reference_run_notes.md).
+    # first CPU run of this project).
     if kind == "group":
         return nn.GroupNorm(group_count(channels), channels)
     if kind == "batch":

@@ -1,8 +1,8 @@
-"""PRN loss (spec §4.1): SmoothL1(sigmoid(logits), mask) + λ · Focal(logits, mask).
+"""PRN loss (Zhang et al., CVPR 2023): SmoothL1(sigmoid(logits), mask) + λ · Focal(logits, mask).
 
 The focal term is the binary focal loss −α_t (1 − p_t)^γ log p_t, written on logits with
 logsigmoid so it stays finite for saturated logits (no log(sigmoid(x)) and no 1e-5 clamp as in
-[XY]). α weights the anomalous class and 1 − α the normal one; α = 0.5 reproduces [XY]'s
+the public re-implementation). α weights the anomalous class and 1 − α the normal one; α = 0.5 reproduces the public code's
 constant 0.5 factor. Soft masks interpolate linearly between the two class terms.
 """
 

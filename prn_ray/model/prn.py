@@ -1,4 +1,4 @@
-"""PRN assembled (spec §1, Fig. 3): prototypes → MF#1 → concat → MSA → MF#2 → decoder.
+"""PRN assembled (Zhang et al., CVPR 2023, Fig. 3): prototypes → MF#1 → concat → MSA → MF#2 → decoder.
 
 ``PRNHead`` works on the four backbone maps (so training can run on cached features);
 ``PRN`` = optional frozen ``Backbone`` + head and returns ``PRNOutput``. Plain ``nn.Module``s:
@@ -128,7 +128,8 @@ class PRNHead(nn.Module):
             for j in range(NUM_SCALES):
                 placeholder = torch.zeros(1, c3[j], *self.feature_sizes[j])
                 self.register_buffer(f"prototypes_{j}", placeholder)
-        # MF#1: separate modules for features and residuals unless share_mf1 (spec §2.4, §8 #5).
+        # MF#1: separate modules for features and residuals (Fig. 3 fuses them "separately")
+        # unless share_mf1 (the public re-implementation shares one).
         z3 = self.feature_sizes[:NUM_SCALES]
         self.mf1 = MultiScaleFusion(c3, s3, z3) if self.use_fusion else None
         self.mf1_residual = (MultiScaleFusion(c3, s3, z3)

@@ -1,4 +1,4 @@
-"""Multi-scale prototypes (spec §2.3): seeded k-means over whole flattened feature maps.
+"""Multi-scale prototypes (PRN's MP block): seeded k-means over whole flattened feature maps.
 
 A prototype is a whole C×H×W map, not a pixel vector. Each scale gets its own k-means with
 K = max(1, round(ratio · N_normal)) centroids; at inference each image picks, per scale, the

@@ -3,7 +3,7 @@
 A :class:`NormalReference` holds, per backbone level, the channel mean/std of the normal
 features (the head standardises its inputs with them: EfficientNet block outputs are
 pre-activation with per-channel scales from ≈ 0.1 to ≈ 10, and a squared residual of such
-features saturates attention); the multi-scale prototypes (spec §2.3: k-means over whole
+features saturates attention); the multi-scale prototypes (k-means over whole
 flattened maps, in the head's input space); and the patch-memory banks of the residual prior
 (:mod:`prn_ray.model.memory`). :func:`fit_reference` builds it from the normal images' features;
 it travels as a flat dict of tensors (prototype cache, checkpoints) and ends up as buffers of the

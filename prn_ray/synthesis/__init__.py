@@ -1,8 +1,8 @@
-"""Anomaly synthesis for PRN training (spec §3), built for Ray Data ``map_batches``.
+"""Anomaly synthesis for PRN training (the paper's anomaly generation strategies), built for Ray Data ``map_batches``.
 
 Two entry points:
 
-* :func:`epoch_plan` — the rows of one training epoch (spec §3.4): which rows are normal, raw
+* :func:`epoch_plan` — the rows of one training epoch: which rows are normal, raw
   seen, extended or simulated, which normal image / seen defect each uses, and one int64 seed
   per row derived from ``(seed, epoch, row)``. Deterministic and shuffled.
 * :class:`Synthesizer` — a small picklable callable, ``batch dict -> batch dict`` (numpy in and
@@ -77,7 +77,7 @@ def _cycled_permutations(rng: np.random.Generator, n: int, count: int) -> np.nda
 def epoch_plan(
     n_normal: int, n_seen: int, cfg: SynthesisConfig, epoch: int, seed: int
 ) -> dict[str, np.ndarray]:
-    """The shuffled sample plan of one epoch (spec §3.4), as numpy columns.
+    """The shuffled sample plan of one epoch, as numpy columns.
 
     Counts, for ``N_n = n_normal``: ``floor(N_n * normal_share)`` normals (each normal image once
     per epoch at share 1, random permutations cycled otherwise); ``slots = floor(N_n * real_share)``

@@ -1,4 +1,4 @@
-"""Extended anomalies (spec §3.2, CPR-style variant): a seen real defect, augmented, pasted onto
+"""Extended anomalies (the paper's EA; CPR-style variant): a seen real defect, augmented, pasted onto
 a normal image with E = M̄⊙N + (1−β)(M⊙C) + β(M⊙N), β ~ U(0, extended_beta_max).
 
 Per sample (draw order): p = ``extended_color_prob``: 3 colour ops (DRAEM list without rotate) on

@@ -1,4 +1,4 @@
-"""Homologous (HOA) and heterologous (HEA) anomaly sources (spec §3.3, [INF] readings).
+"""Homologous (HOA) and heterologous (HEA) anomaly sources (our reading of the paper's HOA / HEA names).
 
 * **Homologous**: the source A is a *normal image of the same product*, geometrically rearranged
   so that, inside the Perlin mask, the object's own structure appears at the wrong place

@@ -1,4 +1,4 @@
-"""Vectorised 2-D Perlin noise and the DRAEM-style Perlin anomaly mask (spec §3.1).
+"""Vectorised 2-D Perlin noise and the DRAEM-style Perlin anomaly mask (DRAEM).
 
 Works for any ``H x W`` (no power-of-two or divisibility restriction): the noise is evaluated at
 every pixel centre on a gradient lattice that covers the (rotated) image, so there is nothing to

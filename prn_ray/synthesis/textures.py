@@ -1,4 +1,4 @@
-"""Texture bank for simulated anomalies and the DRAEM-style source augmentation (spec §3.1).
+"""Texture bank for simulated anomalies and the DRAEM-style source augmentation (DRAEM).
 
 Texture sources, in the order they fill the bank (``load_texture_bank``):
 

@@ -1,0 +1,89 @@
+"""The data stages run in this process, without Ray: decode -> synthesis -> features, batch by
+batch. Used by single-process training (:func:`prn_ray.engine.local.train_local`), the
+benchmarks' bare loops and tests; production streams through :mod:`prn_ray.data.ray_data`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from prn_ray import images
+from prn_ray.config import Config
+from prn_ray.contracts import FEATURE_COLUMNS
+from prn_ray.data.stages import SynthesisBanks
+from prn_ray.model import Backbone
+from prn_ray.runner import images_to_tensor
+
+
+def feature_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config, size: int,
+                    backbone: Backbone, batch_size: int, extra: tuple[str, ...] = (),
+                    drop_last: bool = False, validation: bool = False
+                    ) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of torch tensors: ``feat0..3``, ``mask`` and the ``extra`` columns of ``frame``.
+
+    Rows that fail to decode are dropped here (the Ray path reports them upstream)."""
+    synth = (banks.validation_synthesizer if validation else banks.synthesizer)(cfg, size)
+    stop = len(frame) - batch_size + 1 if drop_last else len(frame)
+    dtype = torch.float16 if cfg.model.feature_dtype == "float16" else torch.float32
+    for i in range(0, max(stop, 0), batch_size):
+        rows = frame.iloc[i:i + batch_size]
+        batch = {c: rows[c].to_numpy() for c in rows.columns}
+        batch = images.decode_batch(batch, storage_cfg=cfg.storage, data_cfg=cfg.data,
+                                    image_size=size)
+        ok = images.error_free(batch["error"])
+        batch = synth({k: v[ok] for k, v in batch.items()})
+        with torch.inference_mode():
+            feats = backbone(images_to_tensor(batch["image"]))
+        out = {c: f.to(dtype) for c, f in zip(FEATURE_COLUMNS, feats)}
+        out["mask"] = torch.from_numpy(np.ascontiguousarray(batch["mask"]))
+        for c in extra:
+            out[c] = torch.as_tensor(np.asarray(batch[c]))
+        yield out
+
+
+def streamed_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config, size: int,
+                     backbone: Backbone, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """The streamed (synthetic) rows of a plan as the training stream delivers them: numpy
+    ``epoch, pos, error, mask, feat0..3``, failed rows kept with ``error`` set (the in-process
+    twin of :func:`prn_ray.data.ray_data.train_dataset`)."""
+    synth = banks.synthesizer(cfg, size)
+    dtype = np.float16 if cfg.model.feature_dtype == "float16" else np.float32
+    for i in range(0, len(frame), batch_size):
+        rows = frame.iloc[i:i + batch_size]
+        batch = images.decode_batch({c: rows[c].to_numpy() for c in rows.columns},
+                                    storage_cfg=cfg.storage, data_cfg=cfg.data, image_size=size)
+        batch = synth(batch)
+        with torch.inference_mode():
+            feats = backbone(images_to_tensor(batch["image"]))
+        out = {c: np.asarray(batch[c]) for c in ("epoch", "pos", "error", "mask")}
+        out.update((c, f.float().numpy().astype(dtype)) for c, f in zip(FEATURE_COLUMNS, feats))
+        yield out
+
+
+def reference_batches(normals: list[str], cfg: Config, size: int, backbone: Backbone,
+                      batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """The normal images' features with ``image_uri`` and ``error`` kept (the in-process twin of
+    :func:`prn_ray.data.ray_data.reference_dataset`)."""
+    dtype = np.float16 if cfg.model.feature_dtype == "float16" else np.float32
+    for i in range(0, len(normals), batch_size):
+        batch = {"image_uri": np.array(normals[i:i + batch_size], dtype=object),
+                 "mask_uri": np.array([""] * len(normals[i:i + batch_size]), dtype=object)}
+        batch = images.decode_batch(batch, storage_cfg=cfg.storage, data_cfg=cfg.data,
+                                    image_size=size)
+        ok = images.error_free(batch["error"])
+        out = {"image_uri": batch["image_uri"], "error": batch["error"]}
+        feats = [np.zeros((len(ok), 0), dtype)] * len(FEATURE_COLUMNS)
+        if ok.any():
+            with torch.inference_mode():
+                good = backbone(images_to_tensor(batch["image"][ok]))
+            feats = []
+            for f in good:
+                full = np.zeros((len(ok), *f.shape[1:]), dtype)
+                full[ok] = f.float().numpy().astype(dtype)
+                feats.append(full)
+        out.update(zip(FEATURE_COLUMNS, feats))
+        yield out

@@ -1,0 +1,86 @@
+"""One product's training data as the pipelines see it, and the one rule for how long a run is.
+
+:class:`ProductData` is what a product's training needs from the catalog (its test rows never
+enter). :class:`Budget` turns an epoch's size and the ``train`` section into steps per epoch,
+the step budget, the epochs the run trains and the epochs the data stream must hold: every
+part of the system (the trainer, the stream, tuning's rung count) asks it, nothing recomputes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from prn_ray.config import Config
+from prn_ray.synthesis import epoch_plan
+
+
+@dataclass
+class ProductData:
+    """What the pipelines need for one product, taken from the catalog (test rows never enter)."""
+
+    product: str
+    train_normals: list[str]
+    seen: list[tuple[str, str]]  # (image_uri, mask_uri) of seen anomalies used for training
+    val: pd.DataFrame  # image_uri, mask_uri, label of the validation split
+    quarantine: list[dict] = field(default_factory=list)  # rows excluded, with their reason
+
+    @classmethod
+    def from_catalog(cls, frame: pd.DataFrame, product: str) -> ProductData:
+        rows = frame[frame["product"] == product]
+        normals = rows[(rows["split"] == "train") & (rows["label"] == "normal")]
+        seen = rows[rows["split"] == "seen"]
+        val = rows[rows["split"] == "val"]
+        return cls(
+            product=product,
+            train_normals=sorted(normals["image_uri"].tolist()),
+            seen=sorted(zip(seen["image_uri"], seen["mask_uri"].fillna(""))),
+            val=val[["image_uri", "mask_uri", "label"]].sort_values("image_uri").reset_index(
+                drop=True
+            ),
+        )
+
+    def exclude(self, bad: dict[str, str]) -> None:
+        """Drop images found unreadable (uri -> reason) and remember them for the report."""
+        if not bad:
+            return
+        self.quarantine.extend({"product": self.product, "image_uri": u, "error": r}
+                               for u, r in sorted(bad.items()))
+        self.train_normals = [u for u in self.train_normals if u not in bad]
+        self.seen = [(u, m) for u, m in self.seen if u not in bad]
+        self.val = self.val[~self.val["image_uri"].isin(bad)].reset_index(drop=True)
+
+    def epoch_rows(self, cfg: Config) -> int:
+        """Samples in one training epoch (normals + real + simulated slots)."""
+        return len(epoch_plan(len(self.train_normals), len(self.seen), cfg.synthesis, 0,
+                              cfg.train.seed)["kind"])
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long a run is, derived once from ``train.epochs``, ``train.max_steps``, the batch
+    size, the number of data-parallel workers and the epoch's size. (A wall-clock budget,
+    ``train.time_budget_s``, can end a run earlier still; the trainer checks it per step.)"""
+
+    epoch_rows: int
+    world: int
+    steps_per_epoch: int  # full global batches per epoch
+    total_steps: int  # the step budget: epochs x steps, capped by max_steps
+    epochs: int  # epochs the run trains (fewer than train.epochs under a step budget)
+    planned_epochs: int  # epochs the training stream holds
+
+    @classmethod
+    def of(cls, cfg: Config, epoch_rows: int, world: int | None = None) -> Budget:
+        tc = cfg.train
+        world = max(1, tc.num_workers if world is None else world)
+        per_epoch = max(1, epoch_rows // (tc.batch_size * world))
+        total = per_epoch * tc.epochs
+        epochs = tc.epochs
+        if tc.max_steps:
+            total = min(total, tc.max_steps)
+            epochs = min(tc.epochs, -(-tc.max_steps // per_epoch))  # the epoch it ends in counts
+        # One more epoch in the stream for batches that straddle an epoch boundary under a step
+        # budget (and never all of a 10000-epoch config: it would plan millions of rows).
+        planned = min(tc.epochs, epochs + (1 if tc.max_steps else 0))
+        return cls(epoch_rows, world, per_epoch, total, epochs, planned)

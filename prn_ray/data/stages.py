@@ -1,0 +1,217 @@
+"""The data stages as plain batch functions (no Ray): what each row of a stream is, the small
+image banks synthesis draws from, and the backbone applied to a batch.
+
+The same functions run inside Ray Data (:mod:`prn_ray.data.ray_data`) and in one process
+(:mod:`prn_ray.data.local`):
+
+* **prototypes / reference**: train normals -> decode -> backbone features;
+* **validation**: held-out normals + held-out real anomalies + fixed synthetic anomalies
+  -> decode -> synthesis -> features (computed once per run);
+* **training**: an epoch plan (:func:`prn_ray.synthesis.epoch_plan`) -> decode -> synthesis
+  (fresh draws each epoch, seeded by (seed, epoch, row)) -> features, for the synthetic rows
+  only: the rows every epoch repeats come from :mod:`prn_ray.data.feature_cache`.
+
+Every stage keeps failed rows (``error`` set) instead of raising, so one unreadable file never
+stops a run; consumers decide what to do with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from prn_ray import images
+from prn_ray.config import Config, ModelConfig, StorageConfig
+from prn_ray.contracts import (
+    FEATURE_COLUMNS,
+    GROUP_NORMAL,
+    GROUP_REAL,
+    GROUP_REAL_EXTENDED,
+    GROUP_SYNTHETIC,
+)
+from prn_ray.data.product import ProductData
+from prn_ray.runner import images_to_tensor, inference_device, prepare
+from prn_ray.synthesis import Synthesizer, epoch_plan, load_texture_bank, row_seed
+
+VAL_EPOCH = 2**31 - 1  # seed namespace of the fixed validation anomalies (no training epoch)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def plan_frame(data: ProductData, cfg: Config, epochs: range) -> pd.DataFrame:
+    """The rows of the given epochs, in training order: ``epoch``, ``pos`` (position in its
+    epoch), ``kind``, the image each row starts from (``image_uri``/``mask_uri``, and
+    ``normal_index``/``source_index`` into ``train_normals``/``seen``) and its ``seed``."""
+    frames = []
+    for epoch in epochs:
+        plan = epoch_plan(len(data.train_normals), len(data.seen), cfg.synthesis, epoch,
+                          cfg.train.seed)
+        kind = plan["kind"]
+        is_seen = kind == "seen"
+        normal_idx = np.maximum(plan["normal_index"], 0)
+        src = np.maximum(plan["source_index"], 0)
+        seen_uris = [data.seen[i] for i in src] if data.seen else [("", "")] * len(kind)
+        image_uri = np.where(
+            is_seen,
+            np.array([u for u, _ in seen_uris], dtype=object),
+            np.array([data.train_normals[i] for i in normal_idx], dtype=object),
+        )
+        mask_uri = np.where(is_seen, np.array([m for _, m in seen_uris], dtype=object), "")
+        frames.append(pd.DataFrame({
+            "epoch": np.full(len(kind), epoch, dtype=np.int64),
+            "pos": np.arange(len(kind), dtype=np.int64),
+            "kind": kind.astype(object),
+            "image_uri": image_uri,
+            "mask_uri": mask_uri,
+            "seed": plan["seed"],
+            "normal_index": plan["normal_index"],
+            "source_index": plan["source_index"],
+        }))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def shard_plan(data: ProductData, cfg: Config, epoch: int, rank: int = 0, world: int = 1
+               ) -> pd.DataFrame:
+    """One epoch's rows that data-parallel worker ``rank`` of ``world`` trains on (every
+    ``world``-th position), in order."""
+    plan = plan_frame(data, cfg, range(epoch, epoch + 1))
+    return plan[plan["pos"] % world == rank].reset_index(drop=True)
+
+
+def validation_frame(data: ProductData, banks: SynthesisBanks, cfg: Config) -> pd.DataFrame:
+    """Held-out normals and real anomalies, plus one fixed synthetic anomaly per held-out normal,
+    seeded apart from every training epoch: alternately a simulated anomaly and (when the
+    product has held-out real defects) an extended copy of a held-out real defect."""
+    val = data.val
+    normals = val[val["label"] == "normal"]["image_uri"].tolist()
+    real = val[val["label"] == "anomaly"]
+    rows = [{"image_uri": u, "mask_uri": "", "kind": "normal", "group": GROUP_NORMAL}
+            for u in normals]
+    rows += [{"image_uri": u, "mask_uri": m or "", "kind": "seen", "group": GROUP_REAL}
+             for u, m in zip(real["image_uri"], real["mask_uri"])]
+    for i, uri in enumerate(normals):
+        extended = bool(i % 2 and banks.val_seen)
+        rows.append({"image_uri": uri, "mask_uri": "", "kind": "extended" if extended
+                     else "simulated", "group": GROUP_REAL_EXTENDED if extended
+                     else GROUP_SYNTHETIC})
+    frame = pd.DataFrame(rows, columns=["image_uri", "mask_uri", "kind", "group"])
+    frame["seed"] = np.array([row_seed(cfg.train.seed, VAL_EPOCH, i) for i in range(len(frame))],
+                             dtype=np.int64)
+    n_seen = max(1, len(banks.val_seen))
+    frame["source_index"] = np.array(
+        [i % n_seen if k == "extended" else -1 for i, k in enumerate(frame["kind"])], dtype=np.int64
+    )
+    return frame
+
+
+
+# ----------------------------------------------------------------------------- banks
+
+
+@dataclass
+class SynthesisBanks:
+    """Small decoded image banks the synthesis tasks carry (a few MB, shipped once per op)."""
+
+    textures: np.ndarray
+    seen: list[tuple[np.ndarray, np.ndarray]]  # the training defects
+    homologous: np.ndarray | None
+    heterologous: np.ndarray | None
+    val_seen: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # held-out
+
+    def synthesizer(self, cfg: Config, image_size: int) -> Synthesizer:
+        """Training synthesis: extended anomalies from the training defects."""
+        return Synthesizer(cfg.synthesis, image_size, textures=self.textures, seen=self.seen,
+                           homologous=self.homologous, heterologous=self.heterologous)
+
+    def validation_synthesizer(self, cfg: Config, image_size: int) -> Synthesizer:
+        """Validation synthesis: extended anomalies only from the held-out real defects, so
+        validation never rewards fitting the training defects."""
+        return Synthesizer(cfg.synthesis, image_size, textures=self.textures, seen=self.val_seen,
+                           homologous=self.homologous, heterologous=self.heterologous)
+
+
+def decode_uris(uris: list[tuple[str, str]], cfg: Config, image_size: int
+                ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, str]]:
+    """Decode (image, mask) pairs in-process (for the small banks). Returns pairs and errors."""
+    if not uris:
+        return [], {}
+    batch = {"image_uri": np.array([u for u, _ in uris], dtype=object),
+             "mask_uri": np.array([m or "" for _, m in uris], dtype=object)}
+    out = images.decode_batch(batch, storage_cfg=cfg.storage, data_cfg=cfg.data,
+                              image_size=image_size)
+    pairs, bad = [], {}
+    for i, (uri, _) in enumerate(uris):
+        err = out["error"][i]
+        if err:
+            bad[uri] = err
+        else:
+            pairs.append((out["image"][i], out["mask"][i]))
+    return pairs, bad
+
+
+def build_banks(data: ProductData, others: dict[str, list[str]], cfg: Config, image_size: int,
+                bank_size: int = 16) -> SynthesisBanks:
+    """Textures, the product's seen defects, and same-/other-product normals for HOA/HEA."""
+    rng = np.random.default_rng(cfg.train.seed)
+    seen, bad_seen = decode_uris(data.seen, cfg, image_size)
+    data.exclude(bad_seen)
+
+    def pick(uris: list[str]) -> list[tuple[str, str]]:
+        if not uris:
+            return []
+        idx = rng.choice(len(uris), size=min(bank_size, len(uris)), replace=False)
+        return [(uris[i], "") for i in sorted(idx)]
+
+    held_out = data.val[data.val["label"] == "anomaly"]
+    val_seen, bad_val = decode_uris(list(zip(held_out["image_uri"],
+                                             held_out["mask_uri"].fillna(""))), cfg, image_size)
+    data.exclude(bad_val)
+    homo, _ = decode_uris(pick(data.train_normals), cfg, image_size)
+    other_uris = [u for p, us in sorted(others.items()) if p != data.product for u in us]
+    hetero, _ = decode_uris(pick(other_uris), cfg, image_size)
+    return SynthesisBanks(
+        textures=load_texture_bank(cfg.synthesis, image_size, storage_cfg=cfg.storage,
+                                   seed=cfg.train.seed),
+        seen=seen,
+        homologous=np.stack([im for im, _ in homo]) if homo else None,
+        heterologous=np.stack([im for im, _ in hetero]) if hetero else None,
+        val_seen=val_seen,
+    )
+
+
+
+# ----------------------------------------------------------------------------- features
+
+
+class FeatureExtractor:
+    """The frozen backbone, loaded once, applied to image batches (a Ray Data actor, or in-process).
+
+    Rows with ``error`` set pass through with zero features (they are filtered downstream),
+    so a bad image never fails a batch of good ones.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, storage_cfg: StorageConfig, image_size: int,
+                 threads: int = 1, keep: tuple[str, ...] | None = None):
+        from prn_ray.model import Backbone
+
+        self.device = inference_device()
+        self.backbone = prepare(Backbone(model_cfg.backbone, model_cfg.weights, storage_cfg),
+                                self.device, threads)
+        self.dtype = np.float16 if model_cfg.feature_dtype == "float16" else np.float32
+        self.image_size = image_size
+        self.keep = keep
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = images_to_tensor(batch["image"], self.device)
+        feats = self.backbone(x)
+        out = {k: v for k, v in batch.items() if k != "image"}
+        for name, f in zip(FEATURE_COLUMNS, feats):
+            out[name] = f.float().cpu().numpy().astype(self.dtype, copy=False)
+        if self.keep is not None:  # select here: a select_columns op would want a whole CPU
+            out = {k: out[k] for k in (*self.keep, *FEATURE_COLUMNS)}
+        return out

@@ -1,0 +1,71 @@
+"""Models on their device for inference, set up one way for every consumer: the backbone in
+the feature stage, registered PRN models in the scoring and evaluation actors, ``predict``.
+
+No Ray imports; the Ray adapters construct these inside their actors.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from prn_ray.config import StorageConfig
+
+
+def inference_device(use_gpu: bool = True) -> torch.device:
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def prepare(module: nn.Module, device: torch.device, threads: int = 1) -> nn.Module:
+    """Threads set, on ``device``, eval mode, channels_last on CPU (oneDNN's fast layout)."""
+    torch.set_num_threads(max(1, int(threads)))
+    module = module.to(device).eval()
+    if device.type == "cpu":
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def images_to_tensor(batch_images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """B x H x W x 3 uint8 -> B x 3 x H x W float in [0, 1] (the backbone normalises itself)."""
+    # Ray hands read-only views of the object store; copy only then (torch warns otherwise).
+    t = torch.from_numpy(np.require(batch_images, requirements=("C", "W"))).to(device)
+    return t.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+
+
+class RegisteredModels:
+    """Registered PRN models on this process's device, each built once per (product, version).
+
+    ``get`` raises what :func:`prn_ray.registry.load` raises (callers turn it into error rows);
+    ``run`` returns the model's output and the forward time per image in milliseconds.
+    """
+
+    def __init__(self, storage_cfg: StorageConfig, threads: int = 1, use_gpu: bool = True):
+        torch.set_num_threads(max(1, int(threads)))
+        self.storage_cfg = storage_cfg
+        self.threads = threads
+        self.device = inference_device(use_gpu)
+        self._models: dict[tuple[str, str], nn.Module] = {}
+        self.loads = 0  # models built by this process (tests check "once per actor")
+
+    def get(self, product: str, version: str) -> nn.Module:
+        key = (product, version)
+        if key not in self._models:
+            from prn_ray import registry
+
+            prn = registry.load(self.storage_cfg, product, version).build()
+            self._models[key] = prepare(prn, self.device, self.threads)
+            self.loads += 1
+        return self._models[key]
+
+    @torch.inference_mode()
+    def run(self, model: nn.Module, images: np.ndarray):
+        """(PRNOutput, ms per image) for B x H x W x 3 uint8 images at the model's size."""
+        x = images_to_tensor(images, self.device)
+        t0 = time.perf_counter()
+        out = model(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return out, 1e3 * (time.perf_counter() - t0) / max(1, len(images))

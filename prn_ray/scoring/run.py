@@ -1,0 +1,239 @@
+"""A nightly scoring run, end to end: list the inputs, resolve the models, stream the images
+through the scorer into staging, check the row count, commit each partition, write the summary.
+
+Rerunning a date replaces it and never duplicates rows; a run that dies leaves the previous
+complete partition in place; ``score.incremental`` skips images already scored without error by
+the same model version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from prn_ray import storage
+from prn_ray.config import Config
+from prn_ray.console import format_table, progress
+from prn_ray.contracts import new_id
+from prn_ray.scoring.commit import (
+    carry_over,
+    clean_stale_staging,
+    commit_partition,
+    staged_by_product,
+    staged_stats,
+    versions,
+)
+from prn_ray.scoring.inputs import list_inputs
+from prn_ray.scoring.models import resolve_models
+from prn_ray.scoring.table import (
+    NO_MODEL,
+    PIDX,
+    SCORING_FAILED,
+    STAGING_SCHEMA,
+    ScoringError,
+    check_date,
+    error_reason,
+    partition_uri,
+    read_scores,
+    today_utc,
+)
+
+COMMIT_DELAY_ENV = "PRN_SCORE_COMMIT_DELAY_S"
+_STAGING_MIN_FILE_BYTES = 32 * 1024 * 1024  # coalesce small blocks into fewer output files
+
+
+@dataclass
+class ProductSummary:
+    product: str
+    model_version: str | None
+    threshold: float | None
+    images: int = 0  # input images of this product
+    skipped: int = 0  # incremental: already scored by this version
+    rows: int = 0  # rows written by this run (scored + errors)
+    scored: int = 0
+    errors: int = 0
+    anomalies: int = 0
+    carried: int = 0  # incremental: rows kept from the partition's previous commit
+    error: str | None = None  # product-level problem (no model)
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    date: str
+    input_uri: str
+    output_uri: str
+    status: str = "ok"  # ok | partial (a product had no model / failed) | empty
+    incremental: bool = False
+    threshold_override: float | None = None
+    images: int = 0
+    skipped: int = 0
+    rows: int = 0
+    scored: int = 0
+    errors: int = 0
+    anomalies: int = 0
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    ignored_inputs: dict[str, int] = field(default_factory=dict)
+    products: list[ProductSummary] = field(default_factory=list)
+    partitions: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    pipeline_s: float = 0.0
+    images_per_s: float = 0.0
+    summary_uri: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def score(cfg: Config, input_uri: str, *, date: str | None = None,
+          products: list[str] | None = None, run_id: str | None = None,
+          say: Callable[[str, str], None] | None = None) -> RunSummary:
+    """Score every image under ``input_uri`` for ``date`` (default today, UTC) and commit the
+    date's partitions under ``cfg.score.output_uri``. Needs Ray (``runtime.init_ray``)."""
+    from prn_ray.runtime import quiet_ray_data
+    from prn_ray.scoring.plan import build_dataset
+
+    say = say or progress
+    t0 = time.perf_counter()
+    date = check_date(date or today_utc())
+    run_id = run_id or new_id("score-")
+    scfg, out_uri = cfg.storage, cfg.score.output_uri
+    incremental = bool(cfg.score.incremental)
+    summary = RunSummary(run_id, date, storage.redact(input_uri), storage.redact(out_uri),
+                         incremental=incremental, threshold_override=cfg.score.threshold)
+    wanted = products or cfg.data.products
+    frame = list_inputs(input_uri, scfg, wanted)
+    summary.ignored_inputs = dict(frame.attrs.get("ignored", {}))
+    summary.images = len(frame)
+    names = sorted(frame["product"].unique().tolist())
+    say("score", f"run {run_id} date {date}: {len(frame)} image(s) of {len(names)} product(s) "
+                 f"from {storage.redact(input_uri)}")
+
+    models = resolve_models(cfg, names)
+    per: dict[str, ProductSummary] = {}
+    for p in names:
+        m = models[p]
+        per[p] = ProductSummary(p, m.version, m.threshold,
+                                images=int((frame["product"] == p).sum()), error=m.error)
+        say(p, f"model {m.version} (image size {m.image_size}, threshold {m.threshold:.4f})"
+            if m.version else m.error or NO_MODEL)
+
+    # Incremental: images already scored without error by the version resolved now.
+    if incremental and len(frame):
+        previous = read_scores(out_uri, scfg, products=names,
+                               columns=["product", "image_uri", "model_version", "error"])
+        ok_prev = previous[previous["error"].isna()]
+        done = set(zip(ok_prev["product"], ok_prev["image_uri"], ok_prev["model_version"]))
+        key = [(p, u, models[p].version) for p, u in zip(frame["product"], frame["image_uri"])]
+        skip = np.array([k in done for k in key], dtype=bool)
+        for p, n in Counter(frame["product"][skip]).items():
+            per[p].skipped = int(n)
+        summary.skipped = int(skip.sum())
+        frame = frame[~skip].reset_index(drop=True)
+        say("score", f"incremental: {summary.skipped} image(s) already scored by the same "
+                     f"model version, {len(frame)} to score")
+
+    staging = storage.join(out_uri, "_staging", date, run_id)
+    pidx = {p: i for i, p in enumerate(names)}
+    t1 = time.perf_counter()
+    if len(frame):
+        quiet_ray_data()
+        ds = build_dataset(cfg, frame, models, pidx)
+        loc = storage.resolve(staging, scfg)
+        ds.write_parquet(loc.path, filesystem=loc.fs, partition_cols=[PIDX],
+                         min_bytes_per_file=_STAGING_MIN_FILE_BYTES,
+                         schema=STAGING_SCHEMA,
+                         # explicit: a default 1-CPU write task can starve on a busy cluster
+                         ray_remote_args={"num_cpus": cfg.data.task_cpus})
+    summary.pipeline_s = round(time.perf_counter() - t1, 3)
+    staged = staged_by_product(staging, scfg, names) if len(frame) else {}
+    stats = staged_stats([u for fs_ in staged.values() for u in fs_], scfg)
+    # Never commit a run that lost or duplicated rows.
+    if len(stats) != len(frame) or stats.duplicated(["product", "image_uri"]).any():
+        raise ScoringError(f"staged {len(stats)} row(s) for {len(frame)} image(s) to score "
+                           f"(run {run_id}); nothing committed, staging left at "
+                           f"{storage.redact(staging)}")
+    say("score", f"staged {len(stats)} row(s) in {summary.pipeline_s:.1f}s; committing")
+
+    reasons: Counter = Counter()
+    # Ops/test hook: pause before each partition commit, so a kill can be aimed between
+    # commits (tests/test_scoring.py kills a real job there). Unset in production.
+    commit_delay = float(os.environ.get(COMMIT_DELAY_ENV) or 0)
+    for p in names:
+        rows = stats[stats["product"] == p]
+        ps = per[p]
+        ps.rows = len(rows)
+        ok = rows["error"].isna()
+        ps.scored, ps.errors = int(ok.sum()), int((~ok).sum())
+        ps.anomalies = int(rows["is_anomaly"].eq(True).sum())
+        reasons.update(r for r in map(error_reason, rows["error"]) if r)
+        if not len(rows):
+            continue  # incremental: nothing new for this product; its partition is untouched
+        carry = None
+        if incremental:
+            carry = carry_over(out_uri, scfg, date, p, set(rows["image_uri"]))
+            ps.carried = carry.num_rows if carry is not None else 0
+        used = sorted({models[p].version or "", *versions(carry)} - {""})
+        if commit_delay:
+            time.sleep(commit_delay)
+        marker = commit_partition(
+            out_uri, scfg, date=date, product=p, staged=staged.get(p, []), run_id=run_id,
+            carry=carry,
+            extra={"model_versions": used, "threshold": models[p].threshold,
+                   "threshold_override": cfg.score.threshold is not None,
+                   "errors": ps.errors, "anomalies": ps.anomalies,
+                   "incremental": incremental})
+        summary.partitions.append(partition_uri(out_uri, date, p))
+        say(p, f"committed {marker['rows']} row(s) to date={date}/product={p}")
+
+    for p in names:
+        ps = per[p]
+        summary.rows += ps.rows
+        summary.scored += ps.scored
+        summary.errors += ps.errors
+        summary.anomalies += ps.anomalies
+    summary.errors_by_reason = dict(sorted(reasons.items()))
+    summary.products = [per[p] for p in names]
+    if not len(frame) and not summary.skipped:
+        summary.status = "empty"
+    elif any(per[p].error for p in names) or reasons.get(SCORING_FAILED) or reasons.get(NO_MODEL):
+        summary.status = "partial"
+    # This run's staging is no longer needed; nor is that of runs of this date that died
+    # long ago (a concurrent run's staging, e.g. other products of the same date, is kept).
+    storage.delete_dir(staging, scfg)
+    clean_stale_staging(out_uri, scfg, date)
+    summary.wall_s = round(time.perf_counter() - t0, 3)
+    summary.images_per_s = round(summary.rows / summary.wall_s, 2) if summary.wall_s else 0.0
+    summary.summary_uri = storage.join(out_uri, "_runs", date, f"{run_id}.json")
+    storage.write_text(summary.summary_uri, json.dumps(summary.to_dict(), indent=1) + "\n", scfg)
+    summary.summary_uri = storage.redact(summary.summary_uri)
+    return summary
+
+
+def format_summary(s: RunSummary) -> str:
+    """The table a person reads at the end of a nightly run."""
+    rows = [[p.product, p.images, p.skipped, p.scored, p.errors, p.anomalies, p.threshold,
+             p.model_version or (p.error or "")[:90]] for p in s.products]
+    rows.append(["total", s.images, s.skipped, s.scored, s.errors, s.anomalies, None, ""])
+    lines = [f"scoring run {s.run_id}  date {s.date}  status {s.status}",
+             format_table(["product", "images", "skipped", "scored", "errors", "anomalies",
+                           "threshold", "model version / problem"], rows)]
+    if s.errors_by_reason:
+        lines.append("errors by reason: " + ", ".join(f"{k} {v}"
+                                                      for k, v in s.errors_by_reason.items()))
+    if s.ignored_inputs:
+        lines.append("ignored inputs: " + ", ".join(f"{k} {v}" for k, v in
+                                                   s.ignored_inputs.items()))
+    lines.append(f"{s.rows} row(s) written in {s.wall_s:.1f}s ({s.images_per_s:.1f} images/s; "
+                 f"pipeline {s.pipeline_s:.1f}s)" +
+                 (f"; threshold override {s.threshold_override}" if s.threshold_override
+                  is not None else ""))
+    lines.append(f"summary: {s.summary_uri}")
+    return "\n".join(lines)

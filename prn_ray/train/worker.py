@@ -1,0 +1,107 @@
+"""The Ray Train worker: the training engine fed by cached features and a Ray Data stream of
+the synthetic rows, reporting checkpoints.
+
+Everything the worker needs travels in one typed :class:`WorkerArgs`; the loop itself is
+:class:`prn_ray.engine.trainer.HeadTrainer`, its batches :func:`prn_ray.data.feature_cache
+.merge_batches` of the plan this worker walks.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from prn_ray.config import Config
+from prn_ray.console import progress
+from prn_ray.data.feature_cache import merge_batches
+from prn_ray.data.product import ProductData
+from prn_ray.data.stages import shard_plan
+from prn_ray.engine.state import write_progress
+from prn_ray.engine.trainer import HeadTrainer
+from prn_ray.engine.validation import ValidationSet
+from prn_ray.model import PRNHead
+
+
+@dataclass
+class WorkerArgs:
+    cfg: Config
+    data: ProductData  # the plan's images (after the reference pass's quarantine)
+    channels: list[int]
+    feature_sizes: list[tuple[int, int]]
+    image_size: int
+    reference: Any  # ObjectRef of the product's NormalReference (fitted once, on the driver)
+    features: Any  # ObjectRef of its FeatureCache (the rows every epoch repeats)
+    run_uri: str  # where the resume point lives
+
+
+def train_dataset_name(rank: int) -> str:
+    """Each worker streams its own dataset (no split coordinator between them)."""
+    return f"train_{rank}"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: PRN head on cached + streamed features."""
+    import ray.train
+    import ray.train.torch
+
+    args: WorkerArgs = config["args"]
+    cfg, tc, product = args.cfg, args.cfg.train, args.data.product
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(tc.torch_threads or max(1, round(tc.cpus_per_worker)))
+    torch.manual_seed(tc.seed + rank)
+    np.random.seed(tc.seed + rank)
+    device = ray.train.torch.get_device()
+    say = (lambda msg: progress(product, msg)) if rank == 0 else (lambda msg: None)
+
+    head = PRNHead(cfg.model, args.channels, args.image_size, args.feature_sizes)
+    head.set_reference(ray.get(args.reference))
+    trainer = HeadTrainer(head, cfg, device, args.data.epoch_rows(cfg), world, say)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.restore(d)
+        say(f"resumed from checkpoint after epoch {trainer.state.epoch} "
+            f"(step {trainer.state.step})")
+    # The stream expands epochs lazily and skips those before this point: record it before
+    # reading, so a restarted run streams from its restored checkpoint, not from epoch 0.
+    start = trainer.state.epoch + 1
+    if rank == 0:
+        write_progress(args.run_uri, trainer.state.epoch, cfg.storage)
+    if world > 1:
+        torch.distributed.barrier()
+    trainer.state.node_id = ray.get_runtime_context().get_node_id()
+    if world > 1:
+        trainer.model = ray.train.torch.prepare_model(trainer.head)
+    trainer.val = ValidationSet.from_batches(
+        ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=64))
+    cache = ray.get(args.features)
+    say(f"training: {trainer.epoch_rows} samples/epoch ({cache.nbytes / 2**20:.0f} MiB of "
+        f"cached features), {trainer.steps_per_epoch} steps/epoch, budget "
+        f"{trainer.total_steps} steps, {len(trainer.val)} validation images, "
+        f"{device} {trainer.precision}")
+
+    def report(metrics_row: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                trainer.save(d)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics_row, checkpoint=ckpt)
+
+    plans = (shard_plan(args.data, cfg, epoch, rank, world)
+             for epoch in range(start, trainer.budget.planned_epochs))
+    stream = ray.train.get_dataset_shard(train_dataset_name(rank)).iter_batches(
+        batch_size=tc.feature_batch_size, batch_format="numpy", prefetch_batches=2)
+    trainer.fit(on_device(merge_batches(plans, cache, stream, tc.batch_size), device), report)
+
+
+def on_device(batches: Iterator[dict[str, torch.Tensor]], device: torch.device
+              ) -> Iterator[dict[str, torch.Tensor]]:
+    for batch in batches:
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,0 +1,115 @@
+"""The house rules, checked on the source: a Ray-free core under thin Ray adapters, no private
+names imported across modules, no import cycles, small modules."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+PACKAGE = REPO / "prn_ray"
+# The Ray adapters (and the modules that only run inside them). Everything else is core.
+ADAPTERS = {
+    "prn_ray.runtime", "prn_ray.evaluation", "prn_ray.data.ray_data", "prn_ray.scoring.plan",
+    "prn_ray.scoring.run", "prn_ray.train", "prn_ray.train.worker", "prn_ray.train.product",
+    "prn_ray.train.fleet", "prn_ray.train.tuning",
+}
+MAX_LINES = 500
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(REPO).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def imports(path: Path, top_level_only: bool = False) -> list[tuple[str, list[str], int]]:
+    """(module imported, names imported from it, line) for every import statement."""
+    tree = ast.parse(path.read_text(), str(path))
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    out = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.module, [a.name for a in node.names], node.lineno))
+    return out
+
+
+def test_core_modules_never_import_ray():
+    core = {name: path for name, path in modules().items() if name not in ADAPTERS}
+    assert "prn_ray.model.prn" in core and "prn_ray.engine.trainer" in core
+    assert "prn_ray.data.stages" in core and "prn_ray.scoring.table" in core
+    offenders = [f"{name}:{line} imports {mod}" for name, path in core.items()
+                 for mod, _, line in imports(path) if mod == "ray" or mod.startswith("ray.")]
+    assert not offenders, offenders
+    # ... nor through what they import: a fresh interpreter importing every core module
+    # has no Ray loaded.
+    code = ("import importlib, sys\n"
+            f"for m in {sorted(core)!r}:\n    importlib.import_module(m)\n"
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_no_private_name_is_imported_across_modules():
+    offenders = []
+    for name, path in modules().items():
+        for mod, names, line in imports(path):
+            if mod.startswith("prn_ray"):
+                offenders += [f"{name}:{line} {mod}.{n}" for n in names
+                              if n.startswith("_") and not n.startswith("__")]
+    for tree in ("jobs", "tune", "benchmarks", "tests"):
+        for path in sorted((REPO / tree).rglob("*.py")):
+            for mod, names, line in imports(path):
+                if mod.startswith("prn_ray"):
+                    offenders += [f"{path.name}:{line} {mod}.{n}" for n in names
+                                  if n.startswith("_") and not n.startswith("__")]
+    assert not offenders, offenders
+
+
+def test_no_import_cycles_between_modules():
+    mods = modules()
+    graph = {name: {m for m, _, _ in imports(path, top_level_only=True)
+                    if m in mods and m != name} for name, path in mods.items()}
+    # "from prn_ray.x import y" where y is a submodule counts as importing prn_ray.x.y
+    for name, path in mods.items():
+        for mod, names, _ in imports(path, top_level_only=True):
+            graph[name] |= {f"{mod}.{n}" for n in names if f"{mod}.{n}" in mods} - {name}
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(node: str, stack: list[str]) -> bool:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if nxt.startswith(node + ".") or node.startswith(nxt + "."):
+                continue  # a package and its own modules
+            if state.get(nxt) == 1:
+                cycle.extend(stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt])
+                return True
+            if state.get(nxt) is None and visit(nxt, stack + [nxt]):
+                return True
+        state[node] = 2
+        return False
+
+    for name in sorted(graph):
+        if state.get(name) is None and visit(name, [name]):
+            break
+    assert not cycle, " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("name", sorted(modules()))
+def test_modules_stay_small(name):
+    lines = len(modules()[name].read_text().splitlines())
+    assert lines <= MAX_LINES, f"{name} has {lines} lines (> {MAX_LINES}): split it"
