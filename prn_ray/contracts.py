@@ -22,6 +22,17 @@ from typing import Any
 LABELS = ("normal", "anomaly")
 SPLITS = ("train", "val", "test", "seen")
 CATALOG_COLUMNS = ("product", "image_uri", "label", "defect_type", "mask_uri", "split")
+# Product names become path parts (<models_uri>/<product>/…, product=<product>/ partitions):
+# letters, digits, '.', '_', '-', starting with a letter or digit, at most 128 characters.
+PRODUCT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def product_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a product name, or None when it can."""
+    if PRODUCT_NAME.fullmatch(name or ""):
+        return None
+    return (f"product name {name!r} is not allowed (use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit, at most 128 characters)")
 # Files treated as images when listing a tree or an input prefix (one list for training and
 # scoring); one the decoder cannot read becomes an error row, never a silent skip.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm",

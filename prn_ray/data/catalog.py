@@ -40,7 +40,7 @@ import pandas as pd
 
 from prn_ray import storage
 from prn_ray.config import Config, DataConfig, StorageConfig
-from prn_ray.contracts import IMAGE_EXTENSIONS, SPLITS
+from prn_ray.contracts import IMAGE_EXTENSIONS, SPLITS, product_name_problem
 from prn_ray.data.manifest import COLUMNS, CatalogError, read_manifest
 from prn_ray.data.paths import base_uri, listed, rel_parts, relative_keys, sorted_by_key
 
@@ -256,6 +256,10 @@ def build_catalog(cfg: Config, *, check_masks: bool = False) -> Catalog:
 
     keep: list[str] = []
     for product, group in df.groupby("product", sort=True):
+        bad_name = product_name_problem(product)
+        if bad_name:  # never turned into a path
+            problems.append(f"{bad_name}; its {len(group)} image(s) skipped")
+            continue
         normal_train = (group["label"] == "normal") & (group["split"] == "train")
         anomalies = group[group["label"] == "anomaly"]
         if not normal_train.any():

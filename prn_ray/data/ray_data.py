@@ -11,6 +11,7 @@ actors must all fit at once or the run deadlocks.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,46 @@ from prn_ray.data.feature_cache import streamed_rows
 from prn_ray.data.product import Budget, ProductData
 from prn_ray.data.stages import FeatureExtractor, SynthesisBanks, shard_plan, validation_frame
 from prn_ray.engine.state import resume_epoch
+
+
+class IdleBackoff:
+    """A Ray Data execution callback: pause the scheduling loop briefly after a step that
+    returned at once. When every operator is back-pressured (the consumer is the slow part, as
+    a training step is) no task is in flight and the loop does not block on ``ray.wait``: it
+    spins, measured at ≈ 45 % of a core on a 2-core node, holding the GIL that the training
+    thread in the same process needs between its torch calls. A 20 ms pause delays dispatch
+    by at most that, against batches that take seconds."""
+
+    SPIN_S = 0.002
+    PAUSE_S = 0.02
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def before_execution_starts(self, executor) -> None:
+        self.last = time.perf_counter()
+
+    def on_execution_step(self, executor) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.SPIN_S:
+            time.sleep(self.PAUSE_S)
+            now = time.perf_counter()
+        self.last = now
+
+    def after_execution_succeeds(self, executor) -> None:
+        pass
+
+    def after_execution_fails(self, executor, error: Exception) -> None:
+        pass
+
+
+def with_idle_backoff(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """``ds`` executing with :class:`IdleBackoff` (its context travels with it to the worker
+    that iterates it)."""
+    callbacks = ds.context.custom_execution_callback_classes
+    if IdleBackoff not in callbacks:
+        callbacks.append(IdleBackoff)
+    return ds
 
 
 def cluster_has_gpu() -> bool:
@@ -117,7 +158,8 @@ def train_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config, image_s
     ds = decode_stage(ds, cfg, image_size)
     ds = ds.map_batches(banks.synthesizer(cfg, image_size), batch_size=cfg.data.read_batch_size,
                         batch_format="numpy", num_cpus=cfg.data.task_cpus)
-    return feature_stage(ds, cfg, image_size, keep=("mask", "epoch", "pos", "error"))
+    return with_idle_backoff(
+        feature_stage(ds, cfg, image_size, keep=("mask", "epoch", "pos", "error")))
 
 
 def validation_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config,

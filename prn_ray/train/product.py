@@ -24,6 +24,7 @@ from prn_ray.data.stages import build_banks
 from prn_ray.engine.reference import build_feature_cache, compute_reference, describe
 from prn_ray.engine.state import load_checkpoint
 from prn_ray.model import Backbone, PRNHead
+from prn_ray.runtime import quiet_ray_data
 from prn_ray.train.worker import WorkerArgs, train_dataset_name, train_loop_per_worker
 
 
@@ -66,6 +67,7 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
 
     t0 = time.time()
     result = ProductResult(product=product, status="failed", start=t0)
+    quiet_ray_data()  # this runs in a trial's process: its datasets take this context along
     try:
         tc, size = cfg.train, cfg.data.image_size
         data = ProductData.from_catalog(catalog, product)

@@ -475,3 +475,20 @@ def test_magnetic_tile_paired_manifest(tmp_path):
     out = decode_batch(batch, data_cfg=DataConfig(), image_size=64)
     assert list(out["error"]) == [None] * 4
     assert out["mask"].max() == 1
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "bad\tname", ".hidden", "x" * 129, "é"])
+def test_product_names_that_would_be_paths_are_skipped_and_reported(tmp_path, bad):
+    rows = [{"product": p, "image_uri": f"{p.encode().hex()}_{i}.png", "label": "normal",
+             "defect_type": "", "mask_uri": "", "split": "train"}
+            for p in ("ok-1.b_2", bad) for i in range(2)]
+    path = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    cat = build_catalog(Config(data=DataConfig(manifest=str(path), seen_anomalies=0,
+                                               val_normal_fraction=0.0)))
+    assert cat.products == ["ok-1.b_2"]
+    assert set(cat.df["product"]) == {"ok-1.b_2"}
+    assert any(f"product name {bad!r} is not allowed" in p for p in cat.problems)
+    pd.DataFrame([r for r in rows if r["product"] == bad]).to_csv(path, index=False)
+    with pytest.raises(CatalogError, match="nothing trainable"):
+        build_catalog(Config(data=DataConfig(manifest=str(path), seen_anomalies=0)))
