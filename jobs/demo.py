@@ -23,7 +23,7 @@ except ImportError:  # run from a checkout (ray job submit --working-dir .) with
     sys.path.insert(0, str(REPO))
 
 from prn_ray import demo_data, storage  # noqa: E402
-from prn_ray.cli import config_from_args, job_parser  # noqa: E402
+from prn_ray.cli import config_from_args, job_parser, run_job  # noqa: E402
 from prn_ray.console import progress  # noqa: E402
 from prn_ray.data.catalog import build_catalog  # noqa: E402
 from prn_ray.evaluation import evaluate_models, evaluate_scores  # noqa: E402
@@ -79,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

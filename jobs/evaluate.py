@@ -21,7 +21,7 @@ except ImportError:  # run from a checkout (ray job submit --working-dir .) with
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prn_ray import storage
-from prn_ray.cli import config_from_args, job_parser
+from prn_ray.cli import config_from_args, job_parser, run_job
 from prn_ray.console import progress
 from prn_ray.evaluation import evaluate_models, evaluate_scores
 from prn_ray.report import markdown_table
@@ -56,4 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -28,7 +28,7 @@ try:
 except ImportError:  # run from a checkout (ray job submit --working-dir .) without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prn_ray.cli import config_from_args, job_parser
+from prn_ray.cli import config_from_args, job_parser, run_job
 from prn_ray.runtime import init_ray
 from prn_ray.scoring.run import format_summary, score
 from prn_ray.scoring.table import check_date, today_utc
@@ -71,4 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

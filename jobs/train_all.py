@@ -6,7 +6,8 @@
 
 Progress lines are per product (``[product] epoch ...``); a final table lists every product's
 status, best validation metrics, wall time and model version, and is written as JSON next to the
-models (``<models_uri>/_runs/<run_id>.json``). Exit status 1 when any product failed.
+models (``<models_uri>/_runs/<run_id>.json``). Exit status 0 done, 1 when any product
+failed, 2 when the arguments, config or data location are wrong (found before Ray starts).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ try:
 except ImportError:  # run from a checkout (ray job submit --working-dir .) without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prn_ray.cli import config_from_args, job_parser
+from prn_ray.cli import config_from_args, job_parser, run_job
 from prn_ray.console import progress
 from prn_ray.runtime import init_ray
 from prn_ray.train.fleet import format_summary, train_all, training_inputs
@@ -35,18 +36,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="train each product with the best configuration of this tuning study "
                         "(tune/search.py); products without a result use the config as is")
     args = p.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = config_from_args(args).with_absolute_paths()
+    inputs = training_inputs(cfg, args.products)  # a wrong data location fails before Ray
     init_ray(cfg)
     overrides = None
     if args.use_tuned:
-        products = args.products or cfg.data.products or training_inputs(cfg)[2]
+        products = inputs[2]
         overrides = load_best(cfg, args.use_tuned, products)
         for product, hp in sorted(overrides.items()):
             progress(product, f"tuned configuration from {args.use_tuned}: {hp}")
-    results = train_all(cfg, args.products, run_id=args.run_id, overrides=overrides)
+    results = train_all(cfg, args.products, run_id=args.run_id, overrides=overrides,
+                        inputs=inputs)
     print(format_summary(results), flush=True)
     return 0 if all(r.status == "ok" for r in results) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

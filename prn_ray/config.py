@@ -261,7 +261,12 @@ def read_yaml(path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     real = str(path.resolve())
     if real in _seen:
         raise ConfigError(f"{path}: 'extends' loops back to {path.name}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"config {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:  # its message has the line and column
+        raise ConfigError(f"config {path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop(EXTENDS_KEY, None)

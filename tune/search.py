@@ -20,9 +20,10 @@ except ImportError:  # run from a checkout (ray job submit --working-dir .) with
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prn_ray import storage
-from prn_ray.cli import config_from_args, job_parser
+from prn_ray.cli import config_from_args, job_parser, run_job
 from prn_ray.console import progress
 from prn_ray.runtime import init_ray
+from prn_ray.train.fleet import training_inputs
 from prn_ray.train.tuning import format_summary, tune_all, tune_root
 
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="resume this study instead of starting a new one")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
+    training_inputs(cfg, args.products)  # a wrong data location fails before Ray starts
     init_ray(cfg)
     docs = tune_all(cfg, args.products, samples=args.samples, study_id=args.study_id)
     print(format_summary(docs), flush=True)
@@ -43,4 +45,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -57,8 +57,8 @@ class IdleBackoff:
 
 
 def with_idle_backoff(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """``ds`` executing with :class:`IdleBackoff` (its context travels with it to the worker
-    that iterates it)."""
+    """``ds`` executing with :class:`IdleBackoff` (its context travels with it to the process
+    that executes it: the training worker, or the scoring driver)."""
     callbacks = ds.context.custom_execution_callback_classes
     if IdleBackoff not in callbacks:
         callbacks.append(IdleBackoff)

@@ -21,6 +21,7 @@ from prn_ray.config import Config, from_dict
 from prn_ray.console import format_table, progress
 from prn_ray.contracts import dumps, new_id
 from prn_ray.data.catalog import build_catalog
+from prn_ray.data.manifest import CatalogError
 from prn_ray.runtime import quiet_ray_data
 from prn_ray.train.product import ProductResult, storage_filesystem, train_product
 
@@ -65,7 +66,7 @@ def training_inputs(cfg: Config, products: list[str] | None = None
     wanted = list(products or cfg.data.products or catalog.products)
     missing = sorted(set(wanted) - set(catalog.products))
     if missing:
-        raise ValueError(f"unknown product(s) {missing}; the catalog has {catalog.products}")
+        raise CatalogError(f"unknown product(s) {missing}; the catalog has {catalog.products}")
     frame = catalog.df[catalog.df["split"] != "test"].reset_index(drop=True)
     others = {p: frame[(frame["product"] == p) & (frame["split"] == "train")
                        & (frame["label"] == "normal")]["image_uri"].tolist()
@@ -74,7 +75,9 @@ def training_inputs(cfg: Config, products: list[str] | None = None
 
 
 def train_all(cfg: Config, products: list[str] | None = None, run_id: str | None = None,
-              overrides: dict[str, dict[str, Any]] | None = None) -> list[ProductResult]:
+              overrides: dict[str, dict[str, Any]] | None = None,
+              inputs: tuple[pd.DataFrame, dict[str, list[str]], list[str]] | None = None
+              ) -> list[ProductResult]:
     """Train every product of the catalog in parallel; returns one result per product.
 
     ``overrides`` maps a product to dotted config overrides for it alone (e.g. the best
@@ -85,7 +88,7 @@ def train_all(cfg: Config, products: list[str] | None = None, run_id: str | None
     """
     cfg = cfg.with_absolute_paths()  # trials run in their own working directories
     run_id = run_id or new_id("train-")
-    frame, others, wanted = training_inputs(cfg, products)
+    frame, others, wanted = inputs or training_inputs(cfg, products)
     summary_uri = storage.join(cfg.storage.runs_uri, run_id, "summary")
     done = _finished_products(cfg, summary_uri, wanted)  # a resumed run keeps what succeeded
     todo = [p for p in wanted if p not in done]
