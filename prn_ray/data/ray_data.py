@@ -58,7 +58,7 @@ class IdleBackoff:
 
 def with_idle_backoff(ds: ray.data.Dataset) -> ray.data.Dataset:
     """``ds`` executing with :class:`IdleBackoff` (its context travels with it to the process
-    that executes it: the training worker, or the scoring driver)."""
+    that executes it: the training worker)."""
     callbacks = ds.context.custom_execution_callback_classes
     if IdleBackoff not in callbacks:
         callbacks.append(IdleBackoff)

@@ -9,7 +9,7 @@ import pandas as pd
 import ray
 
 from prn_ray.config import Config
-from prn_ray.data.ray_data import cluster_has_gpu, decode_stage, frame_dataset, with_idle_backoff
+from prn_ray.data.ray_data import cluster_has_gpu, decode_stage, frame_dataset
 from prn_ray.scoring.models import ResolvedModel
 from prn_ray.scoring.scorer import Scorer, after_decode, no_model_rows
 
@@ -53,6 +53,4 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
             batch_format="pandas", num_cpus=cfg.data.task_cpus))
     if not out:
         return None
-    # The scorer actor is the slow stage: without the pause, the driver's scheduling loop spins
-    # on the back-pressured decode tasks and takes CPU from the model.
-    return with_idle_backoff(out[0].union(*out[1:]) if len(out) > 1 else out[0])
+    return out[0].union(*out[1:]) if len(out) > 1 else out[0]
