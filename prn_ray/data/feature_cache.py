@@ -57,7 +57,8 @@ class FeatureCache:
 
 def seen_features(pairs: list[tuple[np.ndarray, np.ndarray]], backbone: torch.nn.Module,
                   dtype: np.dtype, batch_size: int = 16) -> tuple[list[np.ndarray], np.ndarray]:
-    """Features and masks of decoded ``(image, mask)`` pairs (the few seen defects)."""
+    """Features and masks of decoded ``(image, mask)`` pairs (the few seen defects; at least
+    one pair)."""
     from prn_ray.runner import images_to_tensor
 
     feats: list[list[np.ndarray]] = [[] for _ in FEATURE_COLUMNS]
@@ -67,8 +68,6 @@ def seen_features(pairs: list[tuple[np.ndarray, np.ndarray]], backbone: torch.nn
             out = backbone(images_to_tensor(chunk))
         for j, f in enumerate(out):
             feats[j].append(f.float().numpy().astype(dtype))
-    if not pairs:
-        return [np.zeros((0,), dtype) for _ in FEATURE_COLUMNS], np.zeros((0, 1, 1), np.uint8)
     masks = np.stack([np.asarray(m, np.uint8) for _, m in pairs])
     return [np.concatenate(level) for level in feats], masks
 

@@ -150,8 +150,9 @@ def build_feature_cache(normals: Features, banks: SynthesisBanks, backbone: torc
     """The features every epoch repeats: the normals' (from the reference pass) and the seen
     defects' (computed here from the decoded bank: a handful of images)."""
     dtype = np.float16 if cfg.model.feature_dtype == "float16" else np.float32
-    seen, masks = seen_features(banks.seen, backbone, dtype)
-    if not banks.seen:
+    if banks.seen:
+        seen, masks = seen_features(banks.seen, backbone, dtype)
+    else:  # a product without real defects: its plan has no raw seen rows
         seen = [np.zeros((0, *f.shape[1:]), dtype) for f in normals]
         masks = np.zeros((0, image_size, image_size), np.uint8)
     return FeatureCache(normals=[f.astype(dtype, copy=False) for f in normals], seen=seen,

@@ -73,10 +73,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start = trainer.state.epoch + 1
     if rank == 0:
         write_progress(args.run_uri, trainer.state.epoch, cfg.storage)
-    if world > 1:
-        torch.distributed.barrier()
     trainer.state.node_id = ray.get_runtime_context().get_node_id()
     if world > 1:
+        torch.distributed.barrier()  # no rank reads its stream before the point is recorded
         trainer.model = ray.train.torch.prepare_model(trainer.head)
     trainer.val = ValidationSet.from_batches(
         ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=64))
