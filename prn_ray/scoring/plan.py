@@ -1,5 +1,5 @@
-"""The Ray Data plan of a scoring run: per-product decode at the model's size, one actor pool
-of :class:`~prn_ray.scoring.scorer.Scorer`, error rows for products without a model."""
+"""The Ray Data plan of a scoring run: decode at each product's model size, one actor pool of
+:class:`~prn_ray.scoring.scorer.Scorer`, error rows for products without a model."""
 
 from __future__ import annotations
 
@@ -16,29 +16,38 @@ from prn_ray.scoring.scorer import Scorer, after_decode, no_model_rows
 
 def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedModel],
                   pidx: dict[str, int]):
-    """The Ray Data plan: per-product decode at the model's size, union, actor pool; rows of
-    products without a model become error rows without being read. Output: staging schema."""
+    """The Ray Data plan: images decoded at each product's model size, an actor pool of
+    scorers; rows of products without a model become error rows without being read. Output:
+    staging schema.
+
+    Where the decode runs depends on the cluster. With GPUs, CPU tasks decode while the
+    GPU actors score. On a CPU-only cluster the scorer decodes its own batches: decode tasks
+    beside it would take cores from its torch threads, which wait for each other at every
+    layer, so one descheduled thread stalls the whole forward pass (measured on 2 cores:
+    README "Throughput")."""
     sc = cfg.score
-    parts = []
-    for product, rows in frame.groupby("product", sort=True):
-        res = models[product]
-        if res.version is None:
-            continue
-        ds = decode_stage(frame_dataset(rows.reset_index(drop=True), cfg), cfg,
-                          int(res.image_size))
-        parts.append(ds.map_batches(after_decode, batch_format="numpy",
-                                    num_cpus=cfg.data.task_cpus))
+    gpus = ray.cluster_resources().get("GPU", 0) if cluster_has_gpu() else 0
+    scored = frame[frame["product"].map(lambda p: models[p].version is not None)]
     out = []
-    if parts:
-        decoded = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        gpus = ray.cluster_resources().get("GPU", 0) if cluster_has_gpu() else 0
-        out.append(decoded.map_batches(
+    if len(scored):
+        if gpus:
+            parts = [decode_stage(frame_dataset(rows.reset_index(drop=True), cfg), cfg,
+                                  int(models[product].image_size))
+                     .map_batches(after_decode, batch_format="numpy",
+                                  num_cpus=cfg.data.task_cpus)
+                     for product, rows in scored.groupby("product", sort=True)]
+            rows_in = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        else:
+            rows_in = frame_dataset(scored.reset_index(drop=True), cfg)
+        out.append(rows_in.map_batches(
             Scorer,
             fn_constructor_kwargs={
                 "models": models, "storage_cfg": cfg.storage, "pidx": pidx,
-                # ceil: the fractional rest of a core is left to decode tasks, which mostly
-                # wait on storage; floor would leave 1.5 reserved CPUs running one thread.
+                # ceil: on a GPU node the fractional rest of a core is left to decode tasks,
+                # which mostly wait on storage; floor would leave 1.5 reserved CPUs running one
+                # thread.
                 "threads": max(1, math.ceil(sc.cpus_per_actor)), "use_gpu": gpus > 0,
+                "data_cfg": None if gpus else cfg.data,
             },
             compute=ray.data.ActorPoolStrategy(size=sc.actors),
             batch_size=sc.batch_size,

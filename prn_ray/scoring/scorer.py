@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from prn_ray import images, storage
-from prn_ray.config import StorageConfig
+from prn_ray.config import DataConfig, StorageConfig
 from prn_ray.scoring.models import ResolvedModel
 from prn_ray.scoring.table import NO_MODEL, SCORING_FAILED, map_to_png, score_table
 
@@ -29,17 +29,24 @@ def no_model_rows(batch: pd.DataFrame, *, models: dict[str, ResolvedModel],
 
 
 class Scorer:
-    """Callable over decoded batches (:func:`prn_ray.images.decode_batch` rows: ``image`` at the
-    product's model size, ``orig_height``/``orig_width``, ``error``); a batch may mix products
-    (and therefore image sizes). Output: a pyarrow table in the staging schema."""
+    """Callable over batches of rows (``product``, ``image_uri``); a batch may mix products (and
+    therefore image sizes). Output: a pyarrow table in the staging schema.
+
+    With ``data_cfg`` the scorer reads and decodes each product's images itself, at that
+    product's model size (:func:`prn_ray.images.decode_batch`); without it the rows arrive
+    decoded (``image``, ``orig_height``/``orig_width``, ``error``) by tasks upstream.
+    """
 
     def __init__(self, models: dict[str, ResolvedModel], storage_cfg: StorageConfig,
-                 pidx: dict[str, int], threads: int = 1, use_gpu: bool = False):
+                 pidx: dict[str, int], threads: int = 1, use_gpu: bool = False,
+                 data_cfg: DataConfig | None = None):
         from prn_ray.runner import RegisteredModels
 
         self.runner = RegisteredModels(storage_cfg, threads=threads, use_gpu=use_gpu)
         self.models = models
         self.pidx = pidx
+        self.storage_cfg = storage_cfg
+        self.data_cfg = data_cfg
         self._failed: dict[tuple[str, str], str] = {}  # (product, version) -> why it won't load
 
     @property
@@ -60,46 +67,58 @@ class Scorer:
             self._failed[key] = storage.redact(f"{NO_MODEL}: {type(exc).__name__}: {exc}")
             return None, self._failed[key]
 
+    def _decoded(self, batch: dict[str, np.ndarray], idx: np.ndarray, product: str):
+        """(images S×S×3, original heights, widths, errors) of the rows ``idx``."""
+        if self.data_cfg is None:
+            return (np.stack([np.asarray(batch["image"][i]) for i in idx]),
+                    batch["orig_height"][idx], batch["orig_width"][idx], batch["error"][idx])
+        uris = np.asarray([str(batch["image_uri"][i]) for i in idx], dtype=object)
+        out = images.decode_batch({"image_uri": uris}, storage_cfg=self.storage_cfg,
+                                  data_cfg=self.data_cfg,
+                                  image_size=int(self.models[product].image_size))
+        return out["image"], out["orig_height"], out["orig_width"], out["error"]
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         now = datetime.now(timezone.utc)
         products = np.asarray([str(p) for p in batch["product"]], dtype=object)
         n = len(products)
         uris = [str(u) for u in batch["image_uri"]]
-        ok_decode = images.error_free(batch["error"])
-        errors: list[str | None] = [None if ok_decode[i] else str(batch["error"][i])
-                                    for i in range(n)]
+        errors: list[str | None] = [None] * n
         score = np.full(n, np.nan, np.float32)
         maps: list[bytes | None] = [None] * n
         heights: list[int | None] = [None] * n
         widths: list[int | None] = [None] * n
-        oh, ow = batch["orig_height"], batch["orig_width"]
         for product in sorted(set(products)):
             idx = np.nonzero(products == product)[0]
             model, err = self._model(product)
-            if err is not None:
+            if err is not None:  # nothing is read for a product without a usable model
                 for i in idx:
                     errors[i] = err
                 continue
-            good = idx[ok_decode[idx]]
+            pixels, oh, ow, decode_errors = self._decoded(batch, idx, product)
+            ok = images.error_free(decode_errors)
+            for j in np.nonzero(~ok)[0]:
+                errors[idx[j]] = str(decode_errors[j])
+            good = np.nonzero(ok)[0]
             if len(good) == 0:
                 continue
             try:
-                out, _ = self.runner.run(model, np.stack([np.asarray(batch["image"][i])
-                                                          for i in good]))
+                out, _ = self.runner.run(model, pixels[good])
                 probs = out.anomaly_map[:, 0].float().cpu().numpy()
                 scores = out.score.float().cpu().numpy()
-                for j, i in enumerate(good):
+                for j, g in enumerate(good):
+                    i = idx[g]
                     if not np.isfinite(scores[j]):
                         errors[i] = f"{SCORING_FAILED}: the model returned a non-finite score"
                         continue
-                    h, w = int(oh[i]), int(ow[i])
+                    h, w = int(oh[g]), int(ow[g])
                     maps[i] = map_to_png(probs[j], h, w)
                     heights[i], widths[i] = h, w
                     score[i] = scores[j]
             except Exception as exc:  # noqa: BLE001 - the rows say why, the run goes on
                 msg = storage.redact(f"{SCORING_FAILED}: {type(exc).__name__}: {exc}")
-                for i in good:
-                    errors[i] = msg
+                for g in good:
+                    errors[idx[g]] = msg
         return score_table(products.tolist(), uris, errors, self.models, self.pidx, now,
                            scores=score, maps=maps, heights=heights, widths=widths)
 

@@ -5,8 +5,9 @@ Flow of :func:`prn_ray.scoring.run.score`::
 
     input prefix / manifest -> rows (product, image_uri)          driver: list, dedupe, skip
       -> models resolved ONCE on the driver (product -> version)  (LATEST or pinned)
-      -> per product: decode at the model's image size            stateless Ray tasks
-      -> union -> Scorer actor pool (models cached per actor)     whole batch per forward
+      -> decode at each product's model size                      in the Scorer (CPU-only),
+                                                                  Ray tasks (GPU cluster)
+      -> Scorer actor pool (models cached per actor)              whole batch per forward
       -> staging Parquet (``<output>/_staging/<date>/<run_id>/``) Ray write_parquet
       -> verify row count -> commit each partition                driver: copy, _SUCCESS
       -> run summary (``<output>/_runs/<date>/<run_id>.json``)

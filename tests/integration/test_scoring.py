@@ -39,7 +39,7 @@ from prn_ray.config import StorageConfig, load_config
 from prn_ray.data.catalog import build_catalog
 from prn_ray.demo_data import make_dataset, render
 from prn_ray.engine.local import train_local
-from prn_ray.images import encode_png, image_size_from_header
+from prn_ray.images import decode_batch, encode_png, image_size_from_header
 from prn_ray.scoring import commit as sc_commit
 from prn_ray.scoring import models as sc_models
 from prn_ray.scoring import run as sc_run
@@ -473,6 +473,52 @@ def test_scorer_splits_mixed_batches_and_uses_the_resolved_version(world):
     with torch.inference_mode():
         single = prn(images_to_tensor(imgs[0][None])).score.item()
     assert out[0]["score"] == pytest.approx(single, abs=1e-4)
+
+
+def test_scorer_decoding_its_own_batches_matches_decoded_input(world):
+    """The two placements of the decode (CPU tasks upstream, as on a GPU cluster; inside the
+    scorer, as on a CPU-only one) give the same rows for the same files: scores, maps, sizes
+    and the reasons of unreadable files."""
+    scfg = StorageConfig(models_uri=world["models"])
+    cfg = score_config(world)
+    products = ["fabric", "wood_panel", "metal_plate"]
+    models = sc_models.resolve_models(cfg, products)
+    pidx = {p: i for i, p in enumerate(products)}
+    truth = world["truth"]
+    # every kind: good, defect, unreadable, no model; two products at two model sizes
+    uris = sorted(truth)
+    rows = {"product": np.array([truth[u]["product"] for u in uris], dtype=object),
+            "image_uri": np.array(uris, dtype=object)}
+    assert {"bad", "good", "defect"} <= {truth[u]["kind"] for u in uris}
+    self_decoding = sc_scorer.Scorer(models, scfg, pidx, data_cfg=cfg.data)
+    a = self_decoding(dict(rows)).to_pylist()
+    decoded = {k: [] for k in ("image", "orig_height", "orig_width", "error")}
+    for p, u in zip(rows["product"], uris):  # the task path: per product at its model size
+        size = models[p].image_size or cfg.data.image_size
+        one = sc_scorer.after_decode(decode_batch({"image_uri": np.array([u], dtype=object)},
+                                                  storage_cfg=scfg, data_cfg=cfg.data,
+                                                  image_size=int(size)))
+        for k in decoded:
+            decoded[k].append(one[k][0])
+    image_col = np.empty(len(uris), dtype=object)
+    image_col[:] = decoded["image"]
+    batch = {**rows, "image": image_col, "orig_height": np.array(decoded["orig_height"]),
+             "orig_width": np.array(decoded["orig_width"]),
+             "error": np.array(decoded["error"], dtype=object)}
+    b = sc_scorer.Scorer(models, scfg, pidx)(batch).to_pylist()
+    assert len(a) == len(b) == len(uris)
+    bad = 0
+    for ra, rb in zip(a, b):
+        assert ra["image_uri"] == rb["image_uri"] and ra["error"] == rb["error"]
+        assert (ra["height"], ra["width"]) == (rb["height"], rb["width"])
+        assert ra["anomaly_map_png"] == rb["anomaly_map_png"]
+        if ra["score"] is None:
+            assert rb["score"] is None
+            bad += 1
+        else:
+            assert ra["score"] == pytest.approx(rb["score"], abs=1e-6)
+    expected_bad = sum(1 for u in uris if truth[u]["reason"])
+    assert bad == expected_bad
 
 
 def test_model_version_pins(world):
