@@ -91,6 +91,15 @@ def weights(v: str) -> str | None:
     return None if v.strip() else f"must be one of {', '.join(WEIGHT_SOURCES)} or a file URI"
 
 
+def version_pins(v: str) -> str | None:
+    """``v1`` (every product) or ``product=v1,other=v2`` (see scoring.models.pinned_versions)."""
+    items = [i for i in v.split(",") if i.strip()]
+    if not items or ("=" in v and not all("=" in i and i.split("=", 1)[1].strip()
+                                          for i in items)):
+        return "must be 'VERSION' or 'product=VERSION,other=VERSION'"
+    return None
+
+
 def source_weights(v: dict[str, float]) -> str | None:
     unknown = sorted(set(v) - set(SYNTHESIS_SOURCES))
     if unknown:
@@ -174,7 +183,7 @@ RULES: dict[str, Rule] = {
     "tune.output_uri": PATH,
     "score.output_uri": PATH, "score.threshold": lambda v: None if _number(v) else
     "must be a finite number",
-    "score.model_version": not_empty, "score.batch_size": at_least(1),
+    "score.model_version": version_pins, "score.batch_size": at_least(1),
     "score.actors": at_least(1), "score.cpus_per_actor": above(0), "score.incremental": TYPED,
     "ray.address": not_empty, "ray.num_cpus": at_least(1), "ray.dashboard_host": not_empty,
 }

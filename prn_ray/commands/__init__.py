@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0 if argv else 2
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2  # no command: a usage error
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, COMMANDS, n=1)

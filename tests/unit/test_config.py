@@ -68,6 +68,7 @@ def test_every_key_has_a_range_or_choice_rule():
     ("synthesis.source_weights={texture: 1, paint: 1}", "has unknown source(s) ['paint']"),
     ("tune.search_space={train.lrr: {choice: [1]}}", "searches 'train.lrr'"),
     ("tune.search_space={train.lr: {uniform: [2, 1]}}", "uniform needs [low, high]"),
+    ("score.model_version=a=v1,v2", "score.model_version must be 'VERSION' or"),
     ("storage.endpoint_url=minio:9000", "storage.endpoint_url must start with http://"),
     ("model.weights=efficientnet-lite0-pypi", "fits only model.backbone tf_efficientnet_lite0"),
     ("model.weights=/nonexistent/w.safetensors", "model.weights: no such file"),
