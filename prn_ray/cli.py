@@ -55,7 +55,8 @@ def job_parser(description: str | None, prog: str | None = None,
     (the caller sets it with ``set_defaults``), ``dry_run`` adds ``--dry-run``."""
     p = JobParser(prog=prog, description=description, epilog=EXIT_CODES,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help=f"YAML config (default: {default_config or 'built-in defaults'})")
+    p.add_argument("--config",
+                   help=f"YAML config (default: {default_config or 'built-in defaults'})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--products", type=names, default=None,

@@ -55,6 +55,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         progress("evaluate", "nothing to evaluate (no registered model / no test images)")
         return 1
     print(markdown_table(evaluations), flush=True)
-    progress("evaluate", f"results: {storage.redact(out)}/results.json"
-                         + ("" if args.no_report else f", report: {storage.redact(out)}/report.html"))
+    report = "" if args.no_report else f", report: {storage.redact(out)}/report.html"
+    progress("evaluate", f"results: {storage.redact(out)}/results.json{report}")
     return 0

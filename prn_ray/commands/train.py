@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from prn_ray.data.catalog import build_catalog, training_inputs
     from prn_ray.studies import best_of_study, check_train_run
 
+    if args.run_id:
+        check_train_run(cfg, args.run_id)
     check_backbone(cfg)
     catalog = build_catalog(cfg)  # a wrong data location fails here, before Ray starts
     inputs = training_inputs(cfg, args.products, catalog)
-    if args.run_id:
-        check_train_run(cfg, args.run_id)
     overrides = best_of_study(cfg, args.use_tuned, inputs[2]) if args.use_tuned else None
     if args.dry_run:
         from prn_ray.plans import train_plan

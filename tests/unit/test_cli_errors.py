@@ -4,14 +4,19 @@ fast; ``--print-config`` and ``--dry-run`` start nothing either.
 
 "Ray never started" is checked, not assumed: every subprocess gets its own ``RAY_TMPDIR``,
 and Ray creates ``<RAY_TMPDIR>/ray/session_*`` the moment it starts a local instance.
+
+Time bounds are on the CPU time the command used (user + system, from ``getrusage`` of the
+waited-for child): the test machines are shared, and wall time there measures the neighbours
+(importing torch took 4 s alone and 25 s next to other test runs). Wall time keeps a generous
+bound against hangs.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -22,8 +27,9 @@ from prn_ray.config import StorageConfig
 
 pytestmark = pytest.mark.timeout(600)
 
-ERROR_SECONDS = 10  # the issue's bound for a wrong invocation
-HELP_SECONDS = float(os.environ.get("PRN_RAY_HELP_SECONDS", "3"))  # measured ~0.1 s; CI slack
+ERROR_SECONDS = 10  # CPU seconds: the issue's bound for a wrong invocation
+HELP_SECONDS = 1.0  # CPU seconds: the issue's bound for --help (measured 0.06-0.09 s)
+WALL_SECONDS = 120  # against hangs only
 SCRIPTS = ["jobs/train_all.py", "jobs/score.py", "jobs/evaluate.py", "jobs/demo.py",
            "jobs/make_manifest.py", "jobs/make_demo_data.py", "tune/search.py"]
 
@@ -38,13 +44,21 @@ def world(tmp_path_factory):
     return root
 
 
-def run_cli(cmd: list[str], cwd, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_cli(cmd: list[str], cwd) -> tuple[subprocess.CompletedProcess, float]:
+    """The finished process and the CPU seconds it used (wall time bounded by the timeout)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PRN_RAY_DEBUG")}
     env["PYTHONPATH"] = str(REPO)
     env["RAY_TMPDIR"] = str(cwd / "raytmp")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
-    return proc, time.perf_counter() - t0
+    before = cpu_seconds()
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                          timeout=WALL_SECONDS, cwd=cwd,
+                          env=env)
+    return proc, cpu_seconds() - before
 
 
 def job(script: str, *args: str) -> list[str]:
@@ -136,14 +150,15 @@ def test_wrong_invocation_exits_2_with_one_line_before_ray(name, command, messag
     assert len(errors) == 1, proc.stderr[-2000:]
     for message in messages:
         assert message.replace("{w}", str(world)) in proc.stderr, proc.stderr[-2000:]
-    assert seconds < ERROR_SECONDS, f"{name}: {seconds:.1f}s"
+    assert seconds < ERROR_SECONDS, f"{name}: {seconds:.1f} CPU s"
 
 
 def test_debug_env_shows_the_traceback(world, tmp_path):
     env_cmd = job("jobs/train_all.py", *sets(world), "--set", "train.epochs=0")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PRN_RAY_DEBUG": "1",
            "RAY_TMPDIR": str(tmp_path / "raytmp")}
-    proc = subprocess.run(env_cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    proc = subprocess.run(env_cmd, check=False, capture_output=True, text=True,
+                          timeout=WALL_SECONDS, cwd=tmp_path,
                           env=env)
     assert proc.returncode == 1 and "Traceback" in proc.stderr
     assert "ConfigError: train.epochs must be >= 1, got 0" in proc.stderr
@@ -154,7 +169,7 @@ def test_help_is_fast_and_names_the_exit_codes(script, tmp_path):
     proc, seconds = run_cli(job(script, "--help"), tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "exit status: 0 done, 1 the run failed" in proc.stdout
-    assert seconds < HELP_SECONDS, f"{script} --help took {seconds:.2f}s"
+    assert seconds < HELP_SECONDS, f"{script} --help took {seconds:.2f} CPU s"
 
 
 def test_prn_ray_help_lists_every_command_fast(tmp_path):
@@ -163,7 +178,7 @@ def test_prn_ray_help_lists_every_command_fast(tmp_path):
     proc, seconds = run_cli([sys.executable, "-m", "prn_ray.commands", "--help"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert all(f"  {name} " in proc.stdout for name in COMMANDS)
-    assert seconds < HELP_SECONDS, f"prn-ray --help took {seconds:.2f}s"
+    assert seconds < HELP_SECONDS, f"prn-ray --help took {seconds:.2f} CPU s"
     proc, _ = run_cli([sys.executable, "-m", "prn_ray.commands", "train", "--help"], tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: prn-ray train")
 
@@ -177,8 +192,8 @@ def test_cli_modules_do_not_import_heavy_libraries():
             "    importlib.import_module(m)\n"
             "print(sorted(n for n in ('torch', 'ray', 'pandas', 'pyarrow', 'timm', 'cv2')"
             " if n in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                          timeout=WALL_SECONDS, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 
@@ -242,6 +257,6 @@ def test_make_manifest_endpoint_url_after_the_layout(s3_endpoint, s3_bucket, tmp
     proc = subprocess.run(
         job("jobs/make_manifest.py", "--endpoint-url", "http://127.0.0.1:9", "mvtec",
             "--root", f"{s3_bucket}/mv", "--out", str(out), "--endpoint-url", s3_endpoint),
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+        check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "5 images" in proc.stdout and out.is_file()
