@@ -1,82 +1,22 @@
-"""The embedded demo, end to end on a laptop-class CPU: generate -> train -> score -> evaluate.
+"""The embedded demo, end to end: generate -> train -> score -> evaluate.
 
-    python jobs/demo.py                      # configs/demo.yaml: local Ray, local storage
-    python jobs/demo.py --set data.root=s3://bucket/demo --set storage.models_uri=s3://...
-
-1. writes the procedural 4-product dataset (MVTec layout) to data.root unless it is there;
-2. trains one PRN per product, all products in parallel (jobs/train_all.py);
-3. scores the test images as a nightly batch (jobs/score.py) into Parquet;
-4. evaluates the registered models on the test split and the nightly scores against the
-   ground truth (jobs/evaluate.py), and prints where the HTML report is.
+The job is :mod:`prn_ray.commands.demo` (``prn-ray demo`` once installed; same flags); this file
+runs it from a checkout, e.g. ``ray job submit --working-dir . -- python jobs/demo.py ...``.
+``python jobs/demo.py --help`` lists the flags.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 try:
     import prn_ray  # noqa: F401
 except ImportError:  # run from a checkout (ray job submit --working-dir .) without installing
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prn_ray import demo_data, storage  # noqa: E402
-from prn_ray.cli import config_from_args, job_parser, run_job  # noqa: E402
-from prn_ray.console import progress  # noqa: E402
-from prn_ray.data.catalog import build_catalog  # noqa: E402
-from prn_ray.evaluation import evaluate_models, evaluate_scores  # noqa: E402
-from prn_ray.report import markdown_table  # noqa: E402
-from prn_ray.runtime import init_ray  # noqa: E402
-from prn_ray.scoring.run import format_summary as score_summary  # noqa: E402
-from prn_ray.scoring.run import score  # noqa: E402
-from prn_ray.scoring.table import today_utc  # noqa: E402
-from prn_ray.train.fleet import format_summary as train_summary  # noqa: E402
-from prn_ray.train.fleet import train_all  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = job_parser(__doc__)
-    p.set_defaults(config=str(REPO / "configs" / "demo.yaml"))
-    p.add_argument("--n-train", type=int, default=40, help="normal training images per product")
-    args = p.parse_args(argv)
-    cfg = config_from_args(args)
-    t0 = time.time()
-
-    root = cfg.data.root
-    if not storage.list_files(root, cfg.storage):
-        progress("demo", f"1/4 writing the demo dataset to {storage.redact(root)}")
-        demo_data.make_dataset(root, cfg.storage, products=args.products or demo_data.PRODUCTS,
-                               n_train=args.n_train, image_size=cfg.data.image_size)
-    else:
-        progress("demo", f"1/4 using the dataset already at {storage.redact(root)}")
-
-    init_ray(cfg)
-    progress("demo", "2/4 training every product in parallel")
-    results = train_all(cfg, args.products)
-    print(train_summary(results), flush=True)
-    if not any(r.status == "ok" for r in results):
-        return 1
-
-    progress("demo", "3/4 nightly scoring of the test images")
-    catalog = build_catalog(cfg).df
-    test = catalog[catalog["split"] == "test"][["product", "image_uri"]]
-    warehouse = storage.join(cfg.storage.runs_uri, "warehouse.csv")  # the "new images"
-    storage.write_text(warehouse, test.to_csv(index=False), cfg.storage)
-    summary = score(cfg, warehouse, date=today_utc(), products=args.products)
-    print(score_summary(summary), flush=True)
-
-    progress("demo", "4/4 evaluation and report")
-    evaluations, out = evaluate_models(cfg, args.products)
-    print(markdown_table(evaluations), flush=True)
-    _, scores_out = evaluate_scores(cfg, cfg.score.output_uri, date=summary.date,
-                                    products=args.products)
-    progress("demo", f"done in {time.time() - t0:.0f}s")
-    progress("demo", f"report: {storage.redact(out)}/report.html")
-    progress("demo", f"nightly scores vs ground truth: {storage.redact(scores_out)}/report.html")
-    return 0
-
+from prn_ray.cli import run_job
+from prn_ray.commands.demo import main
 
 if __name__ == "__main__":
     sys.exit(run_job(main))

@@ -1,56 +1,22 @@
-"""Write the procedural demo dataset (MVTec layout) to a local path or s3:// URI.
+"""Write the procedural demo dataset (MVTec layout).
 
-    python jobs/make_demo_data.py --out demo_data --size 128
-    python jobs/make_demo_data.py --out s3://bucket/demo --products fabric,bottle_cap --n-train 40
+The job is :mod:`prn_ray.commands.make_demo_data` (``prn-ray make-demo-data`` once installed; same flags); this file
+runs it from a checkout, e.g. ``ray job submit --working-dir . -- python jobs/make_demo_data.py ...``.
+``python jobs/make_demo_data.py --help`` lists the flags.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 try:
     import prn_ray  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
+except ImportError:  # run from a checkout (ray job submit --working-dir .) without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prn_ray import demo_data, storage
-from prn_ray.cli import names
-from prn_ray.config import StorageConfig
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", required=True, help="dataset root URI (local path or s3://...)")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    p.add_argument("--products", type=names, default=list(demo_data.PRODUCTS),
-                   help=f"comma-separated (default {','.join(demo_data.PRODUCTS)})")
-    p.add_argument("--defects", type=names, default=list(demo_data.DEFECTS),
-                   help=f"comma-separated (default {','.join(demo_data.DEFECTS)})")
-    p.add_argument("--n-train", type=int, default=40, help="normal training images per product")
-    p.add_argument("--n-good-test", type=int, default=10, help="normal test images per product")
-    p.add_argument("--n-defect-test", type=int, default=12,
-                   help="defective test images per product (cycling through the defects)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS env)")
-    args = p.parse_args(argv)
-    summary = demo_data.make_dataset(
-        args.out,
-        StorageConfig(endpoint_url=args.endpoint_url),
-        products=args.products,
-        n_train=args.n_train,
-        n_good_test=args.n_good_test,
-        n_defect_test=args.n_defect_test,
-        image_size=args.size,
-        seed=args.seed,
-        defects=args.defects,
-    )
-    summary["root"] = storage.redact(summary["root"])
-    print(json.dumps(summary, indent=2))
-    return 0
-
+from prn_ray.cli import run_job
+from prn_ray.commands.make_demo_data import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

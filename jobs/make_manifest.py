@@ -1,90 +1,22 @@
-"""Write a sample manifest (Parquet or CSV, by the --out extension) for a dataset layout.
+"""Write a sample manifest (Parquet or CSV) for a dataset layout.
 
-    # class folders holding images and same-name masks (e.g. Magnetic-Tile-Defect)
-    python jobs/make_manifest.py paired-mask --root ../shared/data/magnetic_tile \\
-        --product magnetic_tile --normal MT_Free --out runs/magnetic_tile.parquet
-    # freeze the listing of an MVTec-style tree (splits as in the tree)
-    python jobs/make_manifest.py mvtec --root s3://bucket/mvtec --out s3://bucket/mvtec.parquet
-
-Use the manifest with ``--set data.manifest=<out>``; the seen/validation split is applied when
-the catalog is built.
+The job is :mod:`prn_ray.commands.make_manifest` (``prn-ray make-manifest`` once installed; same flags); this file
+runs it from a checkout, e.g. ``ray job submit --working-dir . -- python jobs/make_manifest.py ...``.
+``python jobs/make_manifest.py --help`` lists the flags.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 try:
     import prn_ray  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
+except ImportError:  # run from a checkout (ray job submit --working-dir .) without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prn_ray import storage
-from prn_ray.cli import names
-from prn_ray.config import StorageConfig
-from prn_ray.data import manifest
-from prn_ray.data.catalog import scan_mvtec
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS env)")
-    sub = p.add_subparsers(dest="layout", required=True)
-
-    pm = sub.add_parser("paired-mask", help="<root>/<class>/[subdir/]<id>.<ext> + <id>.<mask ext>")
-    pm.add_argument("--root", required=True)
-    pm.add_argument("--product", required=True)
-    pm.add_argument("--normal", action="append", type=names, required=True,
-                    help="class folder(s) of normal images (repeat or comma-separate)")
-    pm.add_argument("--image-ext", type=names, default=[".jpg"], help="default .jpg")
-    pm.add_argument("--mask-ext", default=".png", help="default .png")
-    pm.add_argument("--mask-suffix", default="", help="mask name = <id><suffix><mask ext>")
-    pm.add_argument("--subdir", default=None, help="folder inside each class folder (e.g. Imgs)")
-    pm.add_argument("--test-normal-fraction", type=float, default=0.2)
-    pm.add_argument("--test-normal-order", choices=("random", "last"), default="random",
-                    help="which normals go to test: a seeded random share, or the last ones "
-                         "in name order")
-    pm.add_argument("--split-seed", type=int, default=42)
-    pm.add_argument("--out", required=True, help="manifest URI ending in .parquet or .csv")
-    pm.add_argument("--relative", action="store_true",
-                    help="store URIs under the manifest's folder relative to it")
-
-    mv = sub.add_parser("mvtec", help="<root>/<product>/{train,test,ground_truth}/...")
-    mv.add_argument("--root", required=True)
-    mv.add_argument("--out", required=True)
-    mv.add_argument("--relative", action="store_true")
-
-    args = p.parse_args(argv)
-    scfg = StorageConfig(endpoint_url=args.endpoint_url)
-    if args.layout == "paired-mask":
-        df = manifest.paired_mask_manifest(
-            args.root,
-            scfg,
-            product=args.product,
-            normal_dirs=[n for group in args.normal for n in group],
-            image_ext=args.image_ext,
-            mask_ext=args.mask_ext,
-            mask_suffix=args.mask_suffix,
-            subdir=args.subdir,
-            test_normal_fraction=args.test_normal_fraction,
-            test_normal_order=args.test_normal_order,
-            split_seed=args.split_seed,
-        )
-        unpaired = df.attrs.get("unpaired_masks", [])
-        if unpaired:
-            print(f"warning: {len(unpaired)} mask(s) without an image, e.g. "
-                  f"{storage.redact(unpaired[0])}", file=sys.stderr)
-    else:
-        df = scan_mvtec(args.root, scfg)
-    manifest.write_manifest(df, args.out, scfg, relative=args.relative)
-    counts = df.groupby(["product", "split", "label", "defect_type"]).size()
-    print(counts.to_string())
-    no_mask = int(((df["label"] == "anomaly") & (df["mask_uri"] == "")).sum())
-    print(f"{len(df)} images ({no_mask} anomalies without a mask) -> {storage.redact(args.out)}")
-    return 0
-
+from prn_ray.cli import run_job
+from prn_ray.commands.make_manifest import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

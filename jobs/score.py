@@ -1,25 +1,12 @@
 """Nightly batch scoring: score new images with each product's registered model.
 
-    python jobs/score.py --config configs/demo.yaml --input s3://plant/incoming/2024-05-01 \\
-        --set score.output_uri=s3://plant/scores [--date 2024-05-01] [--products a,b] \\
-        [--threshold 0.5] [--model-version v...] [--incremental]
-    ray job submit --working-dir . -- python jobs/score.py --config configs/demo.yaml \\
-        --input s3://plant/incoming/2024-05-01 --set score.output_uri=s3://plant/scores
-
---input is a prefix whose first path component is the product
-(<input>/<product>/.../*.png|jpg|...) or a manifest (.parquet/.csv with columns
-product, image_uri). Output: Parquet partitioned date=YYYY-MM-DD/product=<name>/ under
-score.output_uri; a rerun of the same date replaces that date's partitions. The run summary
-is printed and written to <output>/_runs/<date>/<run_id>.json.
-
-Exit status: 0 all products scored; 3 committed, but some product had no usable model
-(its rows carry error "no_model: ...") or failed to score; 1 the run failed (nothing of it
-was committed unless a partition's _SUCCESS says so); 2 bad arguments.
+The job is :mod:`prn_ray.commands.score` (``prn-ray score`` once installed; same flags); this file
+runs it from a checkout, e.g. ``ray job submit --working-dir . -- python jobs/score.py ...``.
+``python jobs/score.py --help`` lists the flags.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,47 +15,8 @@ try:
 except ImportError:  # run from a checkout (ray job submit --working-dir .) without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prn_ray.cli import config_from_args, job_parser, run_job
-from prn_ray.runtime import init_ray
-from prn_ray.scoring.run import format_summary, score
-from prn_ray.scoring.table import check_date, today_utc
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = job_parser(__doc__)
-    p.add_argument("--input", required=True,
-                   help="prefix of new images (<input>/<product>/...) or a .parquet/.csv "
-                        "manifest with columns product, image_uri")
-    p.add_argument("--date", default=None,
-                   help="partition date YYYY-MM-DD (default: today, UTC)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="decision threshold for every product (default: each model's "
-                        "calibrated threshold; same as --set score.threshold=X)")
-    p.add_argument("--model-version", default=None,
-                   help="pin a model version instead of LATEST: 'v...' for every product or "
-                        "'product=v...,other=v...' (same as --set score.model_version=...)")
-    p.add_argument("--incremental", action="store_true",
-                   help="skip images already scored without error by the same model version")
-    p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)  # tests, re-runs by hand
-    args = p.parse_args(argv)
-    try:
-        date = check_date(args.date or today_utc())
-    except ValueError as exc:
-        p.error(str(exc))
-    overrides = list(args.overrides)
-    if args.threshold is not None:
-        overrides.append(f"score.threshold={args.threshold!r}")
-    if args.model_version:
-        overrides.append(f"score.model_version={args.model_version}")
-    if args.incremental:
-        overrides.append("score.incremental=true")
-    args.overrides = overrides
-    cfg = config_from_args(args)
-    init_ray(cfg)
-    summary = score(cfg, args.input, date=date, products=args.products, run_id=args.run_id)
-    print(format_summary(summary), flush=True)
-    return 3 if summary.status == "partial" else 0
-
+from prn_ray.cli import run_job
+from prn_ray.commands.score import main
 
 if __name__ == "__main__":
     sys.exit(run_job(main))

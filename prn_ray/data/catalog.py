@@ -40,6 +40,7 @@ import pandas as pd
 
 from prn_ray import storage
 from prn_ray.config import Config, DataConfig, StorageConfig
+from prn_ray.console import progress
 from prn_ray.contracts import IMAGE_EXTENSIONS, SPLITS, product_name_problem
 from prn_ray.data.manifest import COLUMNS, CatalogError, read_manifest
 from prn_ray.data.paths import base_uri, listed, rel_parts, relative_keys, sorted_by_key
@@ -291,3 +292,23 @@ def build_catalog(cfg: Config, *, check_masks: bool = False) -> Catalog:
             f"nothing trainable in {storage.redact(source)}:\n  " + "\n  ".join(problems)
         )
     return Catalog(df=df, products=keep, problems=problems, source=source)
+
+
+def training_inputs(cfg: Config, products: list[str] | None = None,
+                    catalog: Catalog | None = None
+                    ) -> tuple[pd.DataFrame, dict[str, list[str]], list[str]]:
+    """The catalog without its test split, every product's train normals (heterologous
+    sources for the others), and the products to train. Test rows never leave this function.
+    No Ray: jobs call it before Ray starts, so a wrong data location is an input error."""
+    catalog = catalog or build_catalog(cfg)
+    for problem in catalog.problems:
+        progress("catalog", problem)
+    wanted = list(products or cfg.data.products or catalog.products)
+    missing = sorted(set(wanted) - set(catalog.products))
+    if missing:
+        raise CatalogError(f"unknown product(s) {missing}; the catalog has {catalog.products}")
+    frame = catalog.df[catalog.df["split"] != "test"].reset_index(drop=True)
+    others = {p: frame[(frame["product"] == p) & (frame["split"] == "train")
+                       & (frame["label"] == "normal")]["image_uri"].tolist()
+              for p in catalog.products}
+    return frame, others, wanted

@@ -24,13 +24,10 @@ from prn_ray import storage
 from prn_ray.config import StorageConfig
 from prn_ray.contracts import CATALOG_COLUMNS, LABELS, SPLITS
 from prn_ray.data.paths import MAX_LISTED, base_uri, rel_parts, relative_keys, sorted_by_key
+from prn_ray.errors import CatalogError
 
 COLUMNS = list(CATALOG_COLUMNS)
 TABLE_EXTENSIONS = (".parquet", ".pq", ".csv")
-
-
-class CatalogError(ValueError):
-    """Nothing usable could be catalogued (the message lists why)."""
 
 
 class ManifestError(CatalogError):

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from prn_ray.config import ModelConfig, StorageConfig
+from prn_ray.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ FEATURE_STRIDES: tuple[int, ...] = (4, 8, 16, 32)
 LITE0_PYPI = "efficientnet-lite0-pypi"
 LITE0_TIMM_NAME = "tf_efficientnet_lite0"
 LITE0_MEAN_STD = (0.5, 0.5)  # TF Lite models were trained on (x - 127) / 128
-
-
-class WeightsError(ValueError):
-    """A weight source that cannot be used (missing keys, wrong backbone, unsafe file)."""
 
 
 # ----------------------------------------------------------------------------- key mapping

@@ -20,8 +20,8 @@ from prn_ray import storage
 from prn_ray.config import Config, from_dict
 from prn_ray.console import format_table, progress
 from prn_ray.contracts import dumps, new_id
-from prn_ray.data.catalog import build_catalog
-from prn_ray.data.manifest import CatalogError
+from prn_ray.data.catalog import training_inputs
+from prn_ray.plans import products_at_once
 from prn_ray.runtime import quiet_ray_data
 from prn_ray.train.product import ProductResult, storage_filesystem, train_product
 
@@ -46,32 +46,8 @@ def _product_trial(config: dict[str, Any]) -> None:
 
 
 def max_concurrent_products(cfg: Config, n_products: int) -> int:
-    """How many products fit at once: each holds its workers, its feature actor and a driver."""
-    if cfg.train.max_concurrent_products:
-        return max(1, min(cfg.train.max_concurrent_products, n_products))
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    tc = cfg.train
-    per_product = (tc.driver_cpus + tc.num_workers * tc.cpus_per_worker
-                   + tc.feature_actors * tc.feature_actor_cpus + 2 * cfg.data.task_cpus)
-    return max(1, min(n_products, int(cpus // per_product)))
-
-
-def training_inputs(cfg: Config, products: list[str] | None = None
-                    ) -> tuple[pd.DataFrame, dict[str, list[str]], list[str]]:
-    """The catalog without its test split, every product's train normals (heterologous
-    sources for the others), and the products to train. Test rows never leave this function."""
-    catalog = build_catalog(cfg)
-    for problem in catalog.problems:
-        progress("catalog", problem)
-    wanted = list(products or cfg.data.products or catalog.products)
-    missing = sorted(set(wanted) - set(catalog.products))
-    if missing:
-        raise CatalogError(f"unknown product(s) {missing}; the catalog has {catalog.products}")
-    frame = catalog.df[catalog.df["split"] != "test"].reset_index(drop=True)
-    others = {p: frame[(frame["product"] == p) & (frame["split"] == "train")
-                       & (frame["label"] == "normal")]["image_uri"].tolist()
-              for p in catalog.products}
-    return frame, others, wanted
+    """How many products fit at once in the cluster Ray is connected to."""
+    return products_at_once(cfg, n_products, ray.cluster_resources().get("CPU", 1.0))
 
 
 def train_all(cfg: Config, products: list[str] | None = None, run_id: str | None = None,
@@ -81,7 +57,7 @@ def train_all(cfg: Config, products: list[str] | None = None, run_id: str | None
     """Train every product of the catalog in parallel; returns one result per product.
 
     ``overrides`` maps a product to dotted config overrides for it alone (e.g. the best
-    configuration a tuning study found, see :func:`prn_ray.train.tuning.load_best`).
+    configuration a tuning study found, see :func:`prn_ray.studies.load_best`).
 
     Writes ``<runs_uri>/<run_id>/summary/<product>.json`` as products finish and
     ``<runs_uri>/<run_id>/summary.json`` plus ``<models_uri>/_runs/<run_id>.json`` at the end.

@@ -29,15 +29,16 @@ import ray
 
 from prn_ray import storage
 from prn_ray.config import Config, from_dict
+from prn_ray.config_checks import SAMPLERS
 from prn_ray.console import format_table, progress
 from prn_ray.contracts import dumps, new_id
+from prn_ray.data.catalog import training_inputs
 from prn_ray.data.product import Budget, ProductData
 from prn_ray.engine.validation import metric_key
 from prn_ray.runtime import quiet_ray_data
-from prn_ray.train.fleet import max_concurrent_products, training_inputs
+from prn_ray.studies import tune_root
+from prn_ray.train.fleet import max_concurrent_products
 from prn_ray.train.product import storage_filesystem, train_product
-
-SAMPLERS = ("uniform", "loguniform", "choice", "randint", "grid")
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
@@ -211,21 +212,6 @@ def tune_all(cfg: Config, products: list[str] | None = None, samples: int | None
         out.append({**doc, "study": study_id})
     storage.write_text(storage.join(root, "summary.json"),
                        dumps(out), cfg.storage)
-    return out
-
-
-def tune_root(cfg: Config, study_id: str) -> str:
-    return storage.join(cfg.tune.output_uri or storage.join(cfg.storage.runs_uri, "tune"),
-                        study_id)
-
-
-def load_best(cfg: Config, study_id: str, products: list[str]) -> dict[str, dict[str, Any]]:
-    """Per-product best overrides of a study (products without a best.json are left out)."""
-    out = {}
-    for product in products:
-        uri = storage.join(tune_root(cfg, study_id), product, "best.json")
-        if storage.exists(uri, cfg.storage):
-            out[product] = json.loads(storage.read_text(uri, cfg.storage))["overrides"]
     return out
 
 

@@ -1,0 +1,54 @@
+"""Hyperparameter search per product with Ray Tune (ASHA on a validation metric).
+
+    python tune/search.py --config configs/demo.yaml --samples 8     # or: prn-ray tune ...
+    python tune/search.py --config configs/demo.yaml --study-id study-20261129 # resume a study
+    python tune/search.py --config configs/demo.yaml --dry-run
+    ray job submit --working-dir . -- python tune/search.py --config configs/demo.yaml
+
+The search space is `tune.search_space` in the config (see README). Each product's best
+overrides go to <tune output>/<study>/<product>/best.json; train the final models with
+`python jobs/train_all.py --config ... --use-tuned <study>`.
+"""
+
+from __future__ import annotations
+
+from prn_ray.cli import check_backbone, config_from_args, job_parser, print_config
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = job_parser(__doc__, prog, dry_run=True)
+    p.add_argument("--samples", type=int, default=None,
+                   help="trials per product (default: tune.num_samples)")
+    p.add_argument("--study-id", default=None,
+                   help="resume this study instead of starting a new one")
+    args = p.parse_args(argv)
+    if args.samples is not None and args.samples < 1:
+        p.error(f"--samples must be >= 1, got {args.samples}")
+    cfg = config_from_args(args)
+    if args.print_config:
+        return print_config(cfg)
+
+    from prn_ray import storage
+    from prn_ray.console import progress
+    from prn_ray.data.catalog import build_catalog, training_inputs
+
+    check_backbone(cfg)
+    catalog = build_catalog(cfg)  # a wrong data location fails here, before Ray starts
+    _, _, products = training_inputs(cfg, args.products, catalog)
+    if args.dry_run:
+        from prn_ray.plans import tune_plan
+
+        print(tune_plan(cfg, catalog.df, products, args.samples or cfg.tune.num_samples,
+                        args.study_id), flush=True)
+        return 0
+
+    from prn_ray.runtime import init_ray
+    from prn_ray.studies import tune_root
+    from prn_ray.train.tuning import format_summary, tune_all
+
+    init_ray(cfg)
+    docs = tune_all(cfg, args.products, samples=args.samples, study_id=args.study_id)
+    print(format_summary(docs), flush=True)
+    if docs:
+        progress("tune", f"results under {storage.redact(tune_root(cfg, docs[0]['study']))}")
+    return 0 if all("error" not in d for d in docs) else 1

@@ -1,0 +1,20 @@
+"""The exceptions that mean "the user's input is wrong" (exit status 2, one ``error:`` line).
+
+They live here, away from the modules that raise them, because those import pandas, torch or
+timm: the CLIs catch these classes before any of that is loaded (``--help`` stays fast).
+:class:`~prn_ray.config.ConfigError` stays with the config it checks.
+"""
+
+from __future__ import annotations
+
+
+class CatalogError(ValueError):
+    """Nothing usable could be catalogued (the message lists why)."""
+
+
+class WeightsError(ValueError):
+    """A weight source that cannot be used (missing keys, wrong backbone, unsafe file)."""
+
+
+class UsageError(ValueError):
+    """An invocation that names something which does not exist (a tuning study, a run id)."""
