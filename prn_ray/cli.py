@@ -21,8 +21,11 @@ from prn_ray import storage
 from prn_ray.config import Config, ConfigError, load_config
 from prn_ray.data.manifest import CatalogError
 from prn_ray.model.backbone import WeightsError
+from prn_ray.registry import RegistryError
 
-USER_ERRORS = (ConfigError, CatalogError, WeightsError)
+# RegistryError: a product or version the user named is not in the registry (export, predict,
+# models); the jobs that read many products turn it into a per-product result instead.
+USER_ERRORS = (ConfigError, CatalogError, WeightsError, RegistryError)
 EXIT_CODES = "exit status: 0 done, 1 the run failed (a product/partition), 2 bad input"
 
 
@@ -31,14 +34,17 @@ def names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def job_parser(description: str | None) -> argparse.ArgumentParser:
+def job_parser(description: str | None, products: bool = True) -> argparse.ArgumentParser:
+    """``--config``, ``--set`` and (unless ``products=False``: jobs about one product)
+    ``--products``."""
     p = argparse.ArgumentParser(description=description, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("--products", type=names, default=None,
-                   help="comma-separated products (default: data.products, else all)")
+    if products:
+        p.add_argument("--products", type=names, default=None,
+                       help="comma-separated products (default: data.products, else all)")
     return p
 
 
