@@ -216,6 +216,10 @@ def load(storage_cfg: StorageConfig, product: str, version: str | None = None) -
                             f"{storage_cfg.models_uri}")
     root = storage.join(storage_cfg.models_uri, product, version)
     missing = [f for f in REQUIRED_FILES if not storage.exists(storage.join(root, f), storage_cfg)]
+    if len(missing) == len(REQUIRED_FILES):
+        known = ", ".join(list_versions(storage_cfg, product)) or "none"
+        raise RegistryError(f"no version {version!r} of product {product!r} under "
+                            f"{storage_cfg.models_uri} (registered: {known})")
     if missing:
         raise RegistryError(f"model {product}/{version} is incomplete (missing {missing})")
     config_doc = json.loads(storage.read_text(storage.join(root, "config.json"), storage_cfg))

@@ -111,14 +111,15 @@ def nearest_distance(queries: Tensor, bank: Tensor, bank_sq: Tensor,
     return torch.cat(out)
 
 
-def nearest_distance_map(x: Tensor, bank: Tensor, bank_sq: Tensor) -> Tensor:
+def nearest_distance_map(x: Tensor, bank: Tensor, bank_sq: Tensor,
+                         positions: int | None = None) -> Tensor:
     """:func:`nearest_distance` for N×C×H×W descriptors as an N×H×W map, in blocks of
     *positions* rather than of rows: the number of blocks depends on H·W and the bank only, so
     a traced or exported graph serves any batch size (blocks of N·H·W rows would bake the
     tracing batch into the graph). Same formula; memory per block grows with N."""
     n, _, h, w = x.shape
     q = x.flatten(2).transpose(1, 2)  # N × HW × C
-    step = max(1, _BLOCK_ELEMENTS // max(1, bank.shape[0]))
+    step = positions or max(1, _BLOCK_ELEMENTS // max(1, bank.shape[0]))
     out = []
     for start in range(0, h * w, step):
         qb = q[:, start:start + step]
