@@ -150,7 +150,7 @@ def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 
     """Register a PRN for ``product`` without training: its normal reference and patch-memory
     prior fitted on ``normals`` (H x W x 3 uint8, any size; the last quarter calibrates the
     prior), the decoder's zero-initialised last convolution randomised so the head's own path
-    reaches the output too, and the threshold at the median score of ``normals``. With
+    reaches the output too, and the threshold at the median score of the calibration normals. With
     ``model.weights=none`` the backbone is random: scores mean nothing (plumbing and
     export-equivalence tests only). Returns the version."""
     import torch
@@ -171,7 +171,7 @@ def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 
         prn.head.set_reference(fit_reference([f[:k] for f in feats], cfg.model, seed=seed))
         prn.head.calibrate([f[k:] for f in feats])
         torch.nn.init.normal_(prn.head.decoder.head.weight, std=0.05)
-        threshold = float(prn.eval()(x).score.median())
+        threshold = float(prn.eval()(x[k:]).score.median())
     return registry.publish(
         cfg, product, head_state=prn.head.state_dict(), backbone_state=prn.backbone.state_dict(),
         image_size=size, calibration={"threshold": threshold, "rule": "median (tests)"},

@@ -146,7 +146,7 @@ def test_unknown_product_or_version_exits_2(world, tmp_path, capsys, extra, mess
 def test_export_matches_eager_on_magnetic_tile(world, fmt, tmp_path):
     root = shared_data("magnetic_tile")
     free = sorted((root / "MT_Free" / "Imgs").glob("*.jpg"))
-    defects = [sorted((root / c / "Imgs").glob("*.jpg"))[0]
+    defects = [min((root / c / "Imgs").glob("*.jpg"))
                for c in ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray")]
     read = [decode_image(p.read_bytes()) for p in free[:16] + free[-2:] + defects]
     cfg = world["cfg"]
