@@ -22,9 +22,11 @@ import sys
 from collections.abc import Callable
 
 from prn_ray.config import Config, ConfigError, load_config
-from prn_ray.errors import CatalogError, UsageError, WeightsError
+from prn_ray.errors import CatalogError, RegistryError, UsageError, WeightsError
 
-USER_ERRORS = (ConfigError, CatalogError, WeightsError, UsageError)
+# RegistryError: a product or version the user named is not in the registry (export, predict,
+# models); the jobs that read many products turn it into a per-product result instead.
+USER_ERRORS = (ConfigError, CatalogError, WeightsError, UsageError, RegistryError)
 DEBUG_ENV = "PRN_RAY_DEBUG"
 EXIT_CODES = (f"exit status: 0 done, 1 the run failed (a product/partition), 2 wrong input "
               f"(arguments, config, data location; found before Ray starts; {DEBUG_ENV}=1 "
@@ -50,17 +52,20 @@ def names(text: str) -> list[str]:
 
 
 def job_parser(description: str | None, prog: str | None = None,
-               default_config: str | None = None, dry_run: bool = False) -> JobParser:
+               default_config: str | None = None, dry_run: bool = False,
+               products: bool = True) -> JobParser:
     """The shared flags; ``default_config`` is what ``--help`` names as the default
-    (the caller sets it with ``set_defaults``), ``dry_run`` adds ``--dry-run``."""
+    (the caller sets it with ``set_defaults``), ``dry_run`` adds ``--dry-run``, ``products``
+    ``--products`` (jobs about one product have none)."""
     p = JobParser(prog=prog, description=description, epilog=EXIT_CODES,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config",
                    help=f"YAML config (default: {default_config or 'built-in defaults'})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("--products", type=names, default=None,
-                   help="comma-separated products (default: data.products, else all)")
+    if products:
+        p.add_argument("--products", type=names, default=None,
+                       help="comma-separated products (default: data.products, else all)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (YAML, --set applied) and exit")
     if dry_run:

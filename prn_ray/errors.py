@@ -18,3 +18,7 @@ class WeightsError(ValueError):
 
 class UsageError(ValueError):
     """An invocation that names something which does not exist (a tuning study, a run id)."""
+
+
+class RegistryError(RuntimeError):
+    """A product or version that is not in the registry, or a version that is incomplete."""

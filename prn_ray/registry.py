@@ -17,7 +17,7 @@ Weights are stored and read only as safetensors: loading never unpickles anythin
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,14 +26,11 @@ from safetensors.torch import save as st_save
 
 from prn_ray import storage
 from prn_ray.config import Config, StorageConfig, from_dict
-from prn_ray.contracts import cpu_tensors, dumps, new_id
+from prn_ray.contracts import cpu_tensors, dumps, id_time, new_id
+from prn_ray.errors import RegistryError  # noqa: F401 - raised here, caught by the CLIs
 
 REQUIRED_FILES = ("model.safetensors", "backbone.safetensors", "config.json", "calibration.json",
                   "metrics.json")
-
-
-class RegistryError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -152,6 +149,62 @@ def describe(storage_cfg: StorageConfig, product: str, version: str | None = Non
     return version, int(config_doc["image_size"]), float(calibration["threshold"])
 
 
+# Validation metrics a model listing shows: the selection value, then the real-defect metrics.
+LISTED_METRICS = ("val_selection", "val_real_image_auroc", "val_real_pixel_auroc",
+                  "val_real_aupro", "val_real_pixel_ap")
+
+
+@dataclass
+class ModelInfo:
+    """One registered version as a listing shows it (read from its JSON files, no weights)."""
+
+    product: str
+    version: str
+    latest: bool
+    created_at: str | None  # UTC, from the version id
+    threshold: float | None
+    image_size: int | None
+    backbone: str | None
+    weights: str | None
+    selection_metric: str | None  # train.selection_metric of the run that registered it
+    metrics: dict[str, float] = field(default_factory=dict)  # LISTED_METRICS that are present
+
+
+def list_models(storage_cfg: StorageConfig, products: list[str] | None = None
+                ) -> list[ModelInfo]:
+    """Every complete version of ``products`` (default: every product with a ``LATEST``), by
+    product, oldest version first. Raises :class:`RegistryError` for a named product without
+    a model."""
+    out = []
+    for product in products if products is not None else list_products(storage_cfg):
+        versions = list_versions(storage_cfg, product)
+        if not versions:
+            raise RegistryError(f"no model registered for product {product!r} under "
+                                f"{storage_cfg.models_uri}")
+        latest = latest_version(storage_cfg, product)
+        for version in versions:
+            root = storage.join(storage_cfg.models_uri, product, version)
+
+            def doc(name: str, root: str = root) -> dict[str, Any]:
+                return json.loads(storage.read_text(storage.join(root, name), storage_cfg))
+
+            config_doc, calibration, metrics = (doc("config.json"), doc("calibration.json"),
+                                                doc("metrics.json"))
+            cfg = config_doc.get("config", {})
+            validation = metrics.get("validation") or {}
+            created = id_time(version)
+            out.append(ModelInfo(
+                product=product, version=version, latest=version == latest,
+                created_at=created.isoformat() if created else None,
+                threshold=calibration.get("threshold"),
+                image_size=config_doc.get("image_size"),
+                backbone=cfg.get("model", {}).get("backbone"),
+                weights=cfg.get("model", {}).get("weights"),
+                selection_metric=cfg.get("train", {}).get("selection_metric"),
+                metrics={k: validation[k] for k in LISTED_METRICS if k in validation}))
+    return out
+
+
 def load(storage_cfg: StorageConfig, product: str, version: str | None = None) -> ModelVersion:
     """Read a version (default: ``LATEST``). Raises :class:`RegistryError` with the reason."""
     version = version or latest_version(storage_cfg, product)
@@ -160,6 +213,10 @@ def load(storage_cfg: StorageConfig, product: str, version: str | None = None) -
                             f"{storage_cfg.models_uri}")
     root = storage.join(storage_cfg.models_uri, product, version)
     missing = [f for f in REQUIRED_FILES if not storage.exists(storage.join(root, f), storage_cfg)]
+    if len(missing) == len(REQUIRED_FILES):
+        known = ", ".join(list_versions(storage_cfg, product)) or "none"
+        raise RegistryError(f"no version {version!r} of product {product!r} under "
+                            f"{storage_cfg.models_uri} (registered: {known})")
     if missing:
         raise RegistryError(f"model {product}/{version} is incomplete (missing {missing})")
     config_doc = json.loads(storage.read_text(storage.join(root, "config.json"), storage_cfg))

@@ -28,11 +28,17 @@ def prepare(module: nn.Module, device: torch.device, threads: int = 1) -> nn.Mod
     return module
 
 
+def pixels_to_input(pixels: torch.Tensor) -> torch.Tensor:
+    """B x H x W x 3 uint8 RGB -> B x 3 x H x W float in [0, 1] (the backbone normalises
+    itself). Traceable: it is also the first step of the exported models (:mod:`prn_ray.export`)."""
+    return pixels.permute(0, 3, 1, 2).float().div(255.0)
+
+
 def images_to_tensor(batch_images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """B x H x W x 3 uint8 -> B x 3 x H x W float in [0, 1] (the backbone normalises itself)."""
     # Ray hands read-only views of the object store; copy only then (torch warns otherwise).
     t = torch.from_numpy(np.require(batch_images, requirements=("C", "W"))).to(device)
-    return t.permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+    return pixels_to_input(t).contiguous(memory_format=torch.channels_last)
 
 
 class RegisteredModels:

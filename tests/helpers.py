@@ -140,3 +140,50 @@ def ref_aupro(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float:
         fprs.append(float(np.mean(normal > t)))
         pros.append(float(np.mean([np.mean(r > t) for r in regions])))
     return clipped_area(fprs, pros, limit) / limit
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 0,
+                   version: str | None = None) -> str:
+    """Register a PRN for ``product`` without training: its normal reference and patch-memory
+    prior fitted on ``normals`` (H x W x 3 uint8, any size; the last quarter calibrates the
+    prior), the decoder's zero-initialised last convolution randomised so the head's own path
+    reaches the output too, and the threshold at the median score of the calibration normals. With
+    ``model.weights=none`` the backbone is random: scores mean nothing (plumbing and
+    export-equivalence tests only). Returns the version."""
+    import torch
+
+    from prn_ray import registry
+    from prn_ray.images import resize_image
+    from prn_ray.model import build_prn
+    from prn_ray.model.reference import fit_reference
+    from prn_ray.runner import images_to_tensor
+
+    size = cfg.data.image_size
+    torch.manual_seed(seed)
+    prn = build_prn(cfg.model, size, storage_cfg=cfg.storage)
+    x = images_to_tensor(np.stack([resize_image(im, size) for im in normals]))
+    k = max(1, len(normals) * 3 // 4)
+    with torch.no_grad():
+        feats = prn.backbone(x)
+        prn.head.set_reference(fit_reference([f[:k] for f in feats], cfg.model, seed=seed))
+        prn.head.calibrate([f[k:] for f in feats])
+        torch.nn.init.normal_(prn.head.decoder.head.weight, std=0.05)
+        threshold = float(prn.eval()(x[k:]).score.median())
+    return registry.publish(
+        cfg, product, head_state=prn.head.state_dict(), backbone_state=prn.backbone.state_dict(),
+        image_size=size, calibration={"threshold": threshold, "rule": "median (tests)"},
+        metrics={"note": "tests/helpers.publish_fitted: fitted reference, no training"},
+        version=version)
+
+
+def demo_images(product: str, n: int, size: int, seed: int, role: int = 1,
+                defect: str | None = None) -> list[np.ndarray]:
+    """Demo-generator images as the decoder returns them (H x W x 3 uint8, via PNG)."""
+    from prn_ray.demo_data import render
+    from prn_ray.images import decode_image
+
+    return [decode_image(encode_png(render(product, size, seed, role, i, defect)[0]))
+            for i in range(n)]

@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("prn_ray.commands.score", "nightly batch scoring of new images into Parquet"),
     "evaluate": ("prn_ray.commands.evaluate", "metrics and HTML report of models or scores"),
     "demo": ("prn_ray.commands.demo", "the demo end to end: data, train, score, evaluate"),
+    "export": ("prn_ray.commands.export", "export a model as TorchScript/ONNX (pixels -> map, score)"),
+    "predict": ("prn_ray.commands.predict", "score files or a folder without Ray (CSV, maps, overlays)"),
+    "models": ("prn_ray.commands.models", "list registered models, versions, LATEST, thresholds"),
     "make-manifest": ("prn_ray.commands.make_manifest", "write a manifest for a dataset layout"),
     "make-demo-data": ("prn_ray.commands.make_demo_data", "write the procedural demo dataset"),
 }

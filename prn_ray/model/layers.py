@@ -48,3 +48,10 @@ def autocast_off(device_type: str):
     for distances over long vectors and for the final logits, whose ranking is the product."""
     return (torch.autocast(device_type, enabled=False) if is_autocast_available(device_type)
             else contextlib.nullcontext())
+
+
+def exporting() -> bool:
+    """True while ``torch.jit.trace``, ``torch.export`` or the ONNX exporter records the model:
+    Python control flow then becomes a fixed graph, so it must not depend on the batch size."""
+    return (torch.jit.is_tracing() or torch.compiler.is_exporting()
+            or torch.onnx.is_in_onnx_export())

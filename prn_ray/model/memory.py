@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prn_ray.model.layers import autocast_off
+from prn_ray.model.layers import autocast_off, exporting
 
 # Elements of one query-chunk × bank distance block: ≈ 16 MB of float32 stays near the cache
 # (a 4096 × 16384 block was twice as slow for 40-channel features: memory-bound).
@@ -111,6 +111,23 @@ def nearest_distance(queries: Tensor, bank: Tensor, bank_sq: Tensor,
     return torch.cat(out)
 
 
+def nearest_distance_map(x: Tensor, bank: Tensor, bank_sq: Tensor,
+                         positions: int | None = None) -> Tensor:
+    """:func:`nearest_distance` for N×C×H×W descriptors as an N×H×W map, in blocks of
+    *positions* rather than of rows: the number of blocks depends on H·W and the bank only, so
+    a traced or exported graph serves any batch size (blocks of N·H·W rows would bake the
+    tracing batch into the graph). Same formula; memory per block grows with N."""
+    n, _, h, w = x.shape
+    q = x.flatten(2).transpose(1, 2)  # N × HW × C
+    step = positions or max(1, _BLOCK_ELEMENTS // max(1, bank.shape[0]))
+    out = []
+    for start in range(0, h * w, step):
+        qb = q[:, start:start + step]
+        d = torch.matmul(qb, bank.T).mul(-2.0).add(bank_sq)
+        out.append((d.amin(2) + qb.pow(2).sum(2)).clamp_min(0).sqrt())
+    return torch.cat(out, 1).view(n, h, w)
+
+
 class PatchMemory(nn.Module):
     """Per-level banks of normal patch descriptors and their held-out-normal calibration.
 
@@ -187,8 +204,12 @@ class PatchMemory(nn.Module):
             for f, bank in zip(features, self.banks):
                 x = local_average(f.detach().float(), self.pool)
                 n, _, h, w = x.shape
-                d = nearest_distance(patch_rows(x), bank, bank.pow(2).sum(1))
-                out.append(d.view(n, h, w)[:, None])
+                bank_sq = bank.pow(2).sum(1)
+                if exporting():  # a graph for any batch size; eager keeps the row blocks
+                    d = nearest_distance_map(x, bank, bank_sq)
+                else:
+                    d = nearest_distance(patch_rows(x), bank, bank_sq).view(n, h, w)
+                out.append(d[:, None])
         return out
 
     @torch.no_grad()

@@ -15,17 +15,16 @@ import math
 from collections.abc import Sequence
 
 import cv2
-import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from prn_ray.heatmap import coerce_image, fit, lut
 from prn_ray.report.tables import (
     METRIC_COLUMNS,
     NA,
     ExampleImage,
     ProductEvaluation,
-    coerce_image,
     format_metric,
     mean_metrics,
 )
@@ -49,22 +48,6 @@ def fig_png(fig: Figure, dpi: int = 100) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi)
     fig.clear()
     return buf.getvalue()
-
-
-_LUTS: dict[str, np.ndarray] = {}
-
-
-def lut(cmap: str) -> np.ndarray:
-    if cmap not in _LUTS:
-        rgba = matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))
-        _LUTS[cmap] = (rgba[:, :3] * 255.0).round().astype(np.uint8)
-    return _LUTS[cmap]
-
-
-def fit(a: np.ndarray, h: int, w: int, interp: int) -> np.ndarray:
-    if a.shape[:2] == (h, w):
-        return a
-    return cv2.resize(a, (w, h), interpolation=interp)
 
 
 _GT_COLOUR = (255, 48, 48)
@@ -262,24 +245,3 @@ def summary_png(evaluations: Sequence[ProductEvaluation]) -> bytes:
     ax.tick_params(axis="x", labelsize=8)
     ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     return fig_png(fig)
-
-
-
-
-def overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None = None,
-            alpha: float = 0.5, cmap: str = "inferno") -> np.ndarray:
-    """H x W x 3 uint8: the image with its heat map blended on top (fixed 0..1 scale) and the
-    ground-truth outline in white when a mask is given. For ``predict`` and notebooks."""
-    img = coerce_image(image)
-    h, w = img.shape[:2]
-    amap = np.clip(np.nan_to_num(np.asarray(anomaly_map, np.float32).squeeze()), 0.0, 1.0)
-    amap = fit(amap, h, w, cv2.INTER_LINEAR)
-    heat = lut(cmap)[(amap * 255.0 + 0.5).astype(np.uint8)]
-    out = (img.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha)
-    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
-    if mask is not None and np.asarray(mask).any():
-        m = fit((np.asarray(mask) > 0).astype(np.uint8), h, w, cv2.INTER_NEAREST)
-        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(out, contours, -1, (255, 255, 255), max(1, round(min(h, w) / 128)),
-                         lineType=cv2.LINE_AA)
-    return out

@@ -125,24 +125,6 @@ class ProductEvaluation:
         return out
 
 
-def coerce_image(img: np.ndarray) -> np.ndarray:
-    a = np.asarray(img)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if np.issubdtype(a.dtype, np.integer) and a.dtype != np.uint8:  # e.g. 16-bit
-        a = a.astype(np.float64) * (255.0 / max(int(np.iinfo(a.dtype).max), 1))
-    if a.dtype != np.uint8:
-        a = a.astype(np.float64)
-        if np.nanmax(a, initial=0.0) <= 1.0:
-            a = a * 255.0
-        a = np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8)
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ValueError(f"image must be H x W x 3, got {a.shape}")
-    return np.ascontiguousarray(a[:, :, :3])
-
-
 def format_metric(key: str, value: Any) -> str:
     """Table text of one value: percentages with one decimal, ms with one decimal, ``n/a``."""
     try:

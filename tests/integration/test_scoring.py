@@ -531,8 +531,8 @@ def test_model_version_pins(world):
     models = sc_models.resolve_models(cfg, ["fabric", "wood_panel"])
     assert models["fabric"].version == v
     assert models["wood_panel"].version is None
-    assert models["wood_panel"].error.startswith("no_model: model wood_panel/v-nope is "
-                                                 "incomplete")
+    assert models["wood_panel"].error.startswith("no_model: no version 'v-nope' of product "
+                                                 "'wood_panel'")
 
 
 # ----------------------------------------------------------------------------- no Ray

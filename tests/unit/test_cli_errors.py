@@ -31,7 +31,8 @@ ERROR_SECONDS = 10  # CPU seconds: the issue's bound for a wrong invocation
 HELP_SECONDS = 1.0  # CPU seconds: the bound for --help (measured 0.06-0.09 s)
 WALL_SECONDS = 120  # against hangs only
 SCRIPTS = ["jobs/train_all.py", "jobs/score.py", "jobs/evaluate.py", "jobs/demo.py",
-           "jobs/make_manifest.py", "jobs/make_demo_data.py", "tune/search.py"]
+           "jobs/make_manifest.py", "jobs/make_demo_data.py", "jobs/export.py",
+           "jobs/predict.py", "jobs/models.py", "tune/search.py"]
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,17 @@ CASES = [
     ("make_manifest missing root", lambda w: job("jobs/make_manifest.py", "mvtec", "--root",
                                                  "/nonexistent/mvtec", "--out", f"{w}/m.csv"),
      ["no files under"]),
+    ("export unknown product", lambda w: job("jobs/export.py", *sets(w), "--product", "nope",
+                                             "--format", "torchscript", "--out", f"{w}/x"),
+     ["no model registered for product 'nope'"]),
+    ("export unknown format", lambda w: job("jobs/export.py", *sets(w), "--product", "fabric",
+                                            "--format", "tflite", "--out", f"{w}/x"),
+     ["invalid choice: 'tflite'"]),
+    ("predict missing input", lambda w: job("jobs/predict.py", *sets(w), "--product", "fabric",
+                                            "--input", f"{w}/nothing-here", "--out", f"{w}/p"),
+     ["no such file or folder"]),
+    ("models bad key", lambda w: job("jobs/models.py", *sets(w), "--set", "storage.model_uri=x"),
+     ["did you mean storage.models_uri?"]),
     ("prn-ray unknown command", lambda w: [sys.executable, "-m", "prn_ray.commands", "trian"],
      ["unknown command 'trian' (did you mean train?)"]),
 ]

@@ -287,14 +287,24 @@ def test_torch_export_matches_eager(r18_prn):
         torch.testing.assert_close(a, b)
 
 
-def test_onnx_export_when_available(tmp_path):
-    pytest.importorskip("onnx", reason="onnx is not installed (not a project dependency)")
-    prn = build_prn(small_cfg(), 64)
-    prn.head.use_placeholder_reference()
-    prn.eval()
-    torch.onnx.export(prn, (torch.rand(1, 3, 64, 64),), str(tmp_path / "prn.onnx"),
-                      input_names=["images"], output_names=["logits", "anomaly_map", "score"])
-    assert (tmp_path / "prn.onnx").stat().st_size > 0
+def test_memory_search_of_exported_graphs_matches_eager():
+    """Exported graphs search the patch memory in blocks of positions (any batch size), eager
+    code in blocks of rows: same distances, and both equal the brute-force nearest distance."""
+    from prn_ray.model.memory import nearest_distance, nearest_distance_map, patch_rows
+
+    g = torch.Generator().manual_seed(0)
+    x, bank = torch.randn(3, 8, 20, 20, generator=g), torch.randn(300, 8, generator=g)
+    sq = bank.pow(2).sum(1)
+    rows = nearest_distance(patch_rows(x), bank, sq, chunk=100).view(3, 20, 20)
+    brute = torch.cdist(patch_rows(x), bank).amin(1).view(3, 20, 20)
+    torch.testing.assert_close(rows, brute, atol=1e-4, rtol=0)
+    for positions in (7, 400, None):  # blocks that straddle images' rows, one block, default
+        got = nearest_distance_map(x, bank, sq, positions)
+        torch.testing.assert_close(got, rows, atol=1e-5, rtol=0)
+
+
+# ONNX (and TorchScript from pixels to map + score, loaded back and compared on real images):
+# tests/unit/test_export.py.
 
 
 def test_forward_is_device_agnostic():

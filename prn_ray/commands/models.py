@@ -1,0 +1,53 @@
+"""List the registered models: products, versions, which is LATEST, threshold, validation
+metrics, created-at.
+
+    python jobs/models.py --config configs/demo.yaml [--product fabric] [--json]
+
+Reads only the registry's JSON files under storage.models_uri (no weights, no Ray). The
+table shows, per version: LATEST (*), the calibrated threshold, the selection metric the
+training run maximised (train.selection_metric) and its validation value, validation image
+AUROC, pixel AUROC, AUPRO and pixel AP on held-out real defects (val_real_*), and when it was
+registered (UTC). --json prints the same as a JSON list for scripts.
+
+Exit status: 0 listed (also when the registry is empty); 2 bad input (a --product without a
+model, config errors).
+"""
+
+from __future__ import annotations
+
+from prn_ray.cli import config_from_args, job_parser, names, print_config
+
+# The metric columns follow registry.LISTED_METRICS.
+HEADERS = ("product", "version", "latest", "threshold", "selection", "value", "img AUROC",
+           "pix AUROC", "AUPRO", "pix AP", "created (UTC)")
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = job_parser(__doc__, prog, products=False)
+    p.add_argument("--product", type=names, default=None,
+                   help="only this product (comma-separated for several; default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    if args.print_config:
+        return print_config(cfg)
+
+    from dataclasses import asdict
+
+    from prn_ray import registry, storage
+    from prn_ray.console import format_table
+    from prn_ray.contracts import dumps
+
+    models = registry.list_models(cfg.storage, args.product)
+    if args.json:
+        print(dumps([asdict(m) for m in models], indent=2), flush=True)
+        return 0
+    if not models:
+        print(f"no models under {storage.redact(cfg.storage.models_uri)}", flush=True)
+        return 0
+    rows = [(m.product, m.version, "*" if m.latest else "", m.threshold,
+             m.selection_metric, *(m.metrics.get(k) for k in registry.LISTED_METRICS),
+             (m.created_at or "-").replace("+00:00", ""))
+            for m in models]
+    print(format_table(HEADERS, rows, align="lllrlrrrrrl"), flush=True)
+    return 0
