@@ -15,9 +15,10 @@ from prn_ray.scoring.scorer import Scorer, after_decode, no_model_rows
 
 
 def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedModel],
-                  pidx: dict[str, int]):
+                  pidx: dict[str, int], tally=None):
     """The Ray Data plan: per-product decode at the model's size, union, actor pool; rows of
-    products without a model become error rows without being read. Output: staging schema."""
+    products without a model become error rows without being read. Output: staging schema.
+    ``tally``: a :class:`~prn_ray.data.ray_data.RetryTally` counting the decode reads' retries."""
     sc = cfg.score
     parts = []
     for product, rows in frame.groupby("product", sort=True):
@@ -25,7 +26,7 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
         if res.version is None:
             continue
         ds = decode_stage(frame_dataset(rows.reset_index(drop=True), cfg), cfg,
-                          int(res.image_size))
+                          int(res.image_size), tally)
         parts.append(ds.map_batches(after_decode, batch_format="numpy",
                                     num_cpus=cfg.data.task_cpus))
     out = []

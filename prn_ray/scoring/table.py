@@ -257,9 +257,9 @@ def read_partition(part: Partition, cfg: StorageConfig | None, columns: list[str
                     ) -> pa.Table:
     tables = []
     for uri in part.files:
-        loc = storage.resolve(uri, cfg)
-        tables.append(pq.read_table(loc.path, filesystem=loc.fs, columns=columns,
-                                    schema=SCORE_SCHEMA))
+        loc = storage.resolve(uri, cfg, sdk_retries=False)
+        tables.append(storage.call(lambda loc=loc: pq.read_table(
+            loc.path, filesystem=loc.fs, columns=columns, schema=SCORE_SCHEMA), cfg))
     schema = pa.schema([SCORE_SCHEMA.field(c) for c in (columns or COLUMNS)])
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     return table.append_column("date", pa.array([part.date] * table.num_rows, pa.string()))

@@ -56,7 +56,7 @@ def test_commit_protocol_crash_points(tmp_path, monkeypatch):
 
     commit("old", "old")
     # (module, function, which call fails, what a reader sees afterwards)
-    cases = [(sc_commit, "_copy", 2, "old"),  # second new file not copied yet
+    cases = [(storage, "copy_file", 2, "old"),  # second new file not copied yet
              (storage, "write_text", 1, "old"),  # the marker (commit point) not written
              (storage, "delete_file", 1, "new")]  # committed; the old files not yet removed
     for module, name, fail_at, expected in cases:
