@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import posixpath
 import secrets
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -55,9 +56,11 @@ def _file_rows(uri: str, cfg: StorageConfig | None) -> int:
 
 def commit_partition(output_uri: str, cfg: StorageConfig | None, *, date: str, product: str,
                      staged: list[str], run_id: str, carry: pa.Table | None = None,
-                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                     extra: dict[str, Any] | None = None,
+                     before_marker: Callable[[], None] | None = None) -> dict[str, Any]:
     """Replace one partition with the run's staged files (protocol in the module doc).
-    Returns the marker written."""
+    ``before_marker`` runs just before the commit point (the run's lease check: a run that
+    lost its lease must not commit). Returns the marker written."""
     pdir = partition_uri(output_uri, date, product)
     before = {u.rsplit("/", 1)[1] for u in storage.list_files(pdir, cfg, recursive=False)}
     files = []
@@ -79,6 +82,8 @@ def commit_partition(output_uri: str, cfg: StorageConfig | None, *, date: str, p
         "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
+    if before_marker is not None:
+        before_marker()
     storage.write_text(storage.join(pdir, MARKER), json.dumps(marker, indent=1) + "\n", cfg)
     keep = {f["name"] for f in files} | {MARKER}
     for name in sorted(before - keep):

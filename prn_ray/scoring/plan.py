@@ -25,6 +25,7 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
         res = models[product]
         if res.version is None:
             continue
+        rows = rows[["product", "image_uri"]]  # decode adds its own error column
         ds = decode_stage(frame_dataset(rows.reset_index(drop=True), cfg), cfg,
                           int(res.image_size), tally)
         parts.append(ds.map_batches(after_decode, batch_format="numpy",

@@ -20,10 +20,13 @@ from prn_ray.scoring.table import NO_MODEL, SCORING_FAILED, map_to_png, score_ta
 
 def no_model_rows(batch: pd.DataFrame, *, models: dict[str, ResolvedModel],
                   pidx: dict[str, int]) -> pa.Table:
-    """Rows of products without a model: error rows, nothing is read or decoded."""
+    """Rows of products without a model: error rows, nothing is read or decoded. A row's own
+    ``error`` (a bad product name, from the inputs) wins over its product's."""
     products = batch["product"].astype(str).tolist()
-    errors = [models[p].error if p in models and models[p].error else
-              f"{NO_MODEL}: product {p!r} has no resolved model" for p in products]
+    own = batch["error"].tolist() if "error" in batch else [None] * len(products)
+    errors = [e if isinstance(e, str) and e else
+              models[p].error if p in models and models[p].error else
+              f"{NO_MODEL}: product {p!r} has no resolved model" for p, e in zip(products, own)]
     return score_table(products, batch["image_uri"].astype(str).tolist(), errors, models, pidx,
                        datetime.now(timezone.utc))
 
