@@ -42,12 +42,14 @@ class FaultProxy:
     """``with FaultProxy(upstream, rate=0.05, seed=1) as proxy: ... proxy.url ...``"""
 
     def __init__(self, upstream: str, *, rate: float = 0.0, seed: int = 0,
-                 permanent: dict[str, int] | None = None, methods: tuple[str, ...] | None = None):
+                 permanent: dict[str, int] | None = None, methods: tuple[str, ...] | None = None,
+                 watch: str | None = None):
         u = urllib.parse.urlparse(upstream)
         self.upstream = (u.hostname or "127.0.0.1", u.port or 80)
         self.rate = rate
         self.permanent = dict(permanent or {})
         self.methods = methods  # transient faults only on these methods (None: all)
+        self.watch = watch  # counts["watched"]: GETs answered whole whose path holds this
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.counts: Counter = Counter()
@@ -152,6 +154,10 @@ class FaultProxy:
                     self.connection.shutdown(2)
                     return
                 self._send(resp.status, out, data)
+                if proxy.watch and self.command == "GET" and resp.status == 200 and \
+                        proxy.watch in urllib.parse.unquote(self.path):
+                    with proxy._lock:
+                        proxy.counts["watched"] += 1
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _proxy
 

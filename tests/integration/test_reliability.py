@@ -159,19 +159,29 @@ def _start_job(args: list[str], env_extra: dict[str, str]) -> tuple[subprocess.P
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "score.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=str(REPO))
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    lines: list[tuple[float, str]] = []  # (when it arrived, line)
+
+    def pump():
+        for line in proc.stdout:
+            lines.append((time.monotonic(), line))
+
+    threading.Thread(target=pump, daemon=True).start()
     return proc, lines
 
 
 def test_two_runs_of_one_date_never_interleave_commits(world, clean):
-    """Two real jobs of the same date at once, each pausing before every partition commit:
-    one commits while the other waits for the leases, then the other commits. Readers polling
-    all along only ever see whole runs, and the end state is one run's complete output."""
+    """Two real jobs of the same date: A stages, takes the date's leases and pauses 60 s before
+    each partition commit (the commit-delay hook); B, started once A is committing, stages and
+    finds the leases taken: it waits, then commits after A's last commit. Readers polling all
+    along only ever see whole runs, and the end state is one run's complete output."""
     out = f"{world['bucket']}/twice"
-    env = {sc_run.COMMIT_DELAY_ENV: "5"}
-    procs = [_start_job(_job_args(world, out, "score.lease_wait_s=300"), env)
-             for _ in range(2)]
+    args = _job_args(world, out, "score.lease_wait_s=400")
+    a = _start_job(args, {sc_run.COMMIT_DELAY_ENV: "60"})
+    deadline = time.time() + 300
+    while not any("committing" in line for _, line in a[1]):
+        assert a[0].poll() is None and time.time() < deadline, "".join(x for _, x in a[1])
+        time.sleep(0.5)
+    procs = [a, _start_job(args, {sc_run.COMMIT_DELAY_ENV: "1"})]
     seen, problems = [], []
     while any(p.poll() is None for p, _ in procs):
         try:
@@ -187,15 +197,22 @@ def test_two_runs_of_one_date_never_interleave_commits(world, clean):
                 problems.append(f"{product}: {len(group)} rows")
         seen.append(markers)
         time.sleep(0.3)
-    logs = ["".join(lines) for _, lines in procs]
+    time.sleep(0.5)  # the pumps read the last lines
+    logs = ["".join(line for _, line in lines) for _, lines in procs]
     assert [p.returncode for p, _ in procs] == [3, 3], logs  # 3: the bad name (partial)
     assert not problems, problems[:5]
-    assert any("waiting up to" in log for log in logs), logs  # one of them really waited
+    assert "waiting up to" in logs[1], logs[1][-3000:]  # B really waited for A
     df = _rows(out)
     _check_one_row_per_image(df, world)
     final = {p.product: p.marker["run_id"] for p in sc_table.committed_partitions(out, date=DATE)}
     assert len(set(final.values())) == 1  # every partition from one run
     assert len(seen) > 3 and len({r for m in seen for r in m.values()}) <= 2
+    # The commits did not overlap: one run's first commit came after the other's last.
+    spans = [(min(t for t, line in lines if "committed" in line),
+              max(t for t, line in lines if "committed" in line)) for _, lines in procs]
+    assert spans[0][1] < spans[1][0], spans
+    b_run = next(line for _, line in procs[1][1] if " run score-" in line).split(" run ")[1]
+    assert set(final.values()) == {b_run.split()[0]}  # the later run's output
     assert not storage.list_files(f"{out}/_leases")  # both released
 
 
