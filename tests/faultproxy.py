@@ -154,7 +154,7 @@ class FaultProxy:
                     self.connection.shutdown(2)
                     return
                 self._send(resp.status, out, data)
-                if proxy.watch and self.command == "GET" and resp.status == 200 and \
+                if proxy.watch and self.command == "GET" and resp.status in (200, 206) and \
                         proxy.watch in urllib.parse.unquote(self.path):
                     with proxy._lock:
                         proxy.counts["watched"] += 1
