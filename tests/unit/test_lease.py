@@ -41,8 +41,11 @@ def test_one_holder_expiry_takeover_and_loss(root):
     assert a.try_acquire() is None
 
 
-def test_concurrent_acquire_has_one_winner(root):
-    uri = sl.lease_uri(root, "2024-05-01", "p")
+def test_concurrent_acquire_has_one_winner(tmp_path):
+    """Local storage only: moto_server checks If-None-Match and then writes without a lock, so
+    two simultaneous conditional PUTs can both succeed there (real S3 decides atomically);
+    the S3 path's create-if-absent is checked one request at a time above."""
+    uri = sl.lease_uri(str(tmp_path / "scores"), "2024-05-01", "p")
     leases = [sl.Lease(uri, None, f"run-{i}", ttl_s=30) for i in range(6)]
     results: list = [None] * len(leases)
     barrier = threading.Barrier(len(leases))
