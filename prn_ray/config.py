@@ -33,6 +33,8 @@ class StorageConfig:
     region: str | None = None
     models_uri: str = "runs/models"  # model registry root (see prn_ray.registry)
     runs_uri: str = "runs/train"  # Ray Train/Tune storage, run summaries, quarantine reports
+    retries: int = 4  # extra tries of a transient object-storage failure (0: no retry)
+    retry_max_s: float = 20.0  # cap of one backoff sleep (full jitter, exponential from 0.2 s)
 
 
 @dataclass
@@ -189,6 +191,8 @@ class ScoreConfig:
     actors: int = 1
     cpus_per_actor: float = 1.0
     incremental: bool = False  # skip images already scored by the same model version
+    lease_s: float = 120.0  # commit lease of a partition: expiry (renewed while committing)
+    lease_wait_s: float = 600.0  # how long a run waits for another run's lease; then exit 4
 
 
 @dataclass

@@ -205,9 +205,7 @@ def encode_png(array: np.ndarray, compression: int = 3) -> bytes:
 
 def read_head(uri: str, cfg: StorageConfig | None = None, nbytes: int = 65536) -> bytes:
     """The first ``nbytes`` of an object (a ranged read on S3): enough for most image headers."""
-    loc = storage.resolve(uri, cfg)
-    with loc.fs.open_input_file(loc.path) as f:
-        return f.read(nbytes)
+    return storage.read_head(uri, cfg, nbytes)
 
 
 def header_size(uri: str, cfg: StorageConfig | None = None) -> tuple[int, int] | None:

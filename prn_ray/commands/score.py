@@ -14,18 +14,24 @@ score.output_uri; a rerun of the same date replaces that date's partitions. The 
 is printed and written to <output>/_runs/<date>/<run_id>.json.
 
 Exit status: 0 all products scored; 3 committed, but some product had no usable model
-(its rows carry error "no_model: ...") or failed to score; 1 the run failed (nothing of it
-was committed unless a partition's _SUCCESS says so); 2 wrong input (arguments, config, a
-local --input or manifest that does not exist), before Ray starts.
+(its rows carry error "no_model: ...") or failed to score, or some input had a product name
+that is not allowed ("bad_product_name: ...", partition product=_invalid); 1 the run failed
+(nothing of it was committed unless a partition's _SUCCESS says so); 2 wrong input
+(arguments, config, a local --input or manifest that does not exist), before Ray starts;
+4 another run of the same date held a partition's commit lease for longer than
+score.lease_wait_s (nothing of this run was committed).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from prn_ray.cli import config_from_args, job_parser, print_config
 from prn_ray.config import Config
 from prn_ray.errors import UsageError
+
+EXIT_BUSY = 4  # another run holds a partition of this date (see the module doc)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -77,10 +83,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 0
 
     from prn_ray.runtime import init_ray
+    from prn_ray.scoring.lease import LeaseBusy
     from prn_ray.scoring.run import format_summary, score
 
     init_ray(cfg)
-    summary = score(cfg, args.input, date=date, products=args.products, run_id=args.run_id)
+    try:
+        summary = score(cfg, args.input, date=date, products=args.products, run_id=args.run_id)
+    except LeaseBusy as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BUSY
     print(format_summary(summary), flush=True)
     return 3 if summary.status == "partial" else 0
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import ray
 
-from prn_ray import images
+from prn_ray import images, storage
 from prn_ray.config import Config
 from prn_ray.data.feature_cache import streamed_rows
 from prn_ray.data.product import Budget, ProductData
@@ -69,11 +69,52 @@ def cluster_has_gpu() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def decode_stage(ds: ray.data.Dataset, cfg: Config, image_size: int) -> ray.data.Dataset:
-    """Read bytes from storage and decode/resize; failures become rows with ``error`` set."""
+@ray.remote(num_cpus=0)
+class RetryTally:
+    """Retried storage requests of a run's Ray tasks, summed across worker processes (the
+    counter of :mod:`prn_ray.storage` is per process)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        self.n += int(n)
+
+    def total(self) -> int:
+        return self.n
+
+
+class TallyReporter:
+    """A picklable ``callback(n)`` that adds ``n`` retried requests to a :class:`RetryTally`,
+    for core classes that run in actors (the scorer) and must not import Ray."""
+
+    def __init__(self, tally) -> None:
+        self.tally = tally
+
+    def __call__(self, n: int) -> None:
+        if n:
+            ray.get(self.tally.add.remote(n))  # waited for: counted before the dataset finishes
+
+
+def decode_tallied(batch: dict[str, np.ndarray], *, tally, **kwargs) -> dict[str, np.ndarray]:
+    """:func:`prn_ray.images.decode_batch`, reporting the requests it retried to ``tally``
+    (a worker process runs one task at a time, so the counter's difference is this batch's)."""
+    before = storage.retried_requests()
+    out = images.decode_batch(batch, **kwargs)
+    TallyReporter(tally)(storage.retried_requests() - before)
+    return out
+
+
+def decode_stage(ds: ray.data.Dataset, cfg: Config, image_size: int,
+                 tally=None) -> ray.data.Dataset:
+    """Read bytes from storage and decode/resize; failures become rows with ``error`` set.
+    ``tally``: a :class:`RetryTally` that counts the retried requests of these reads."""
+    kwargs = {"storage_cfg": cfg.storage, "data_cfg": cfg.data, "image_size": image_size}
+    if tally is not None:
+        kwargs["tally"] = tally
     return ds.map_batches(
-        images.decode_batch,
-        fn_kwargs={"storage_cfg": cfg.storage, "data_cfg": cfg.data, "image_size": image_size},
+        decode_tallied if tally is not None else images.decode_batch,
+        fn_kwargs=kwargs,
         batch_size=cfg.data.read_batch_size,
         batch_format="numpy",
         num_cpus=cfg.data.task_cpus,

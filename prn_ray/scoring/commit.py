@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import posixpath
 import secrets
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -37,30 +38,29 @@ from prn_ray.scoring.table import (
 STALE_STAGING_S = 24 * 3600  # staging of a run older than this is a dead run's: removed
 
 
-def _copy(src: str, dst: str, cfg: StorageConfig | None) -> None:
-    a, b = storage.resolve(src, cfg), storage.resolve(dst, cfg)
-    if b.scheme == "file":
-        b.fs.create_dir(posixpath.dirname(b.path), recursive=True)
-    a.fs.copy_file(a.path, b.path)  # S3: server-side CopyObject
-
-
 def _write_table(table: pa.Table, uri: str, cfg: StorageConfig | None) -> None:
-    loc = storage.resolve(uri, cfg)
-    if loc.scheme == "file":
-        loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
-    pq.write_table(table.cast(SCORE_SCHEMA), loc.path, filesystem=loc.fs)
+    loc = storage.resolve(uri, cfg, sdk_retries=False)
+
+    def once() -> None:
+        if loc.scheme == "file":
+            loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
+        pq.write_table(table.cast(SCORE_SCHEMA), loc.path, filesystem=loc.fs)
+    storage.call(once, cfg)
 
 
 def _file_rows(uri: str, cfg: StorageConfig | None) -> int:
-    loc = storage.resolve(uri, cfg)
-    return pq.ParquetFile(loc.path, filesystem=loc.fs).metadata.num_rows
+    loc = storage.resolve(uri, cfg, sdk_retries=False)
+    return storage.call(
+        lambda: pq.ParquetFile(loc.path, filesystem=loc.fs).metadata.num_rows, cfg)
 
 
 def commit_partition(output_uri: str, cfg: StorageConfig | None, *, date: str, product: str,
                      staged: list[str], run_id: str, carry: pa.Table | None = None,
-                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                     extra: dict[str, Any] | None = None,
+                     before_marker: Callable[[], None] | None = None) -> dict[str, Any]:
     """Replace one partition with the run's staged files (protocol in the module doc).
-    Returns the marker written."""
+    ``before_marker`` runs just before the commit point (the run's lease check: a run that
+    lost its lease must not commit). Returns the marker written."""
     pdir = partition_uri(output_uri, date, product)
     before = {u.rsplit("/", 1)[1] for u in storage.list_files(pdir, cfg, recursive=False)}
     files = []
@@ -70,7 +70,7 @@ def commit_partition(output_uri: str, cfg: StorageConfig | None, *, date: str, p
         tag = secrets.token_hex(3)
         names = [n.replace(f"part-{run_id}-", f"part-{run_id}-{tag}-") for n in names]
     for src, name in zip(staged, names):
-        _copy(src, storage.join(pdir, name), cfg)
+        storage.copy_file(src, storage.join(pdir, name), cfg)
         files.append({"name": name, "rows": _file_rows(src, cfg)})
     if carry is not None and carry.num_rows:
         name = names[-1]
@@ -82,6 +82,8 @@ def commit_partition(output_uri: str, cfg: StorageConfig | None, *, date: str, p
         "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
+    if before_marker is not None:
+        before_marker()
     storage.write_text(storage.join(pdir, MARKER), json.dumps(marker, indent=1) + "\n", cfg)
     keep = {f["name"] for f in files} | {MARKER}
     for name in sorted(before - keep):
@@ -106,8 +108,9 @@ def staged_stats(files: list[str], cfg: StorageConfig | None) -> pd.DataFrame:
     cols = ["product", "image_uri", "score", "is_anomaly", "error"]
     tables = []
     for uri in files:
-        loc = storage.resolve(uri, cfg)
-        tables.append(pq.read_table(loc.path, filesystem=loc.fs, columns=cols))
+        loc = storage.resolve(uri, cfg, sdk_retries=False)
+        tables.append(storage.call(
+            lambda loc=loc: pq.read_table(loc.path, filesystem=loc.fs, columns=cols), cfg))
     if not tables:
         return pd.DataFrame(columns=cols)
     return pa.concat_tables(tables).to_pandas()

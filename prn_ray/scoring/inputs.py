@@ -8,9 +8,9 @@ import pandas as pd
 
 from prn_ray import storage
 from prn_ray.config import StorageConfig
-from prn_ray.contracts import IMAGE_EXTENSIONS
+from prn_ray.contracts import IMAGE_EXTENSIONS, product_name_problem
 from prn_ray.data.manifest import TABLE_EXTENSIONS, ManifestError, read_table
-from prn_ray.scoring.table import ScoringError
+from prn_ray.scoring.table import BAD_PRODUCT_NAME, INVALID_PRODUCT, ScoringError
 
 
 def list_inputs(input_uri: str, storage_cfg: StorageConfig | None = None,
@@ -21,6 +21,11 @@ def list_inputs(input_uri: str, storage_cfg: StorageConfig | None = None,
     directly under the prefix, other extensions and ``_``/``.``-prefixed paths are ignored) or a
     manifest (``.parquet``/``.pq``/``.csv`` with columns ``product, image_uri``; relative URIs are
     resolved against the manifest's directory). ``df.attrs`` carries what was ignored.
+
+    A product name that may not become a path (``..``, ``a/b``, empty, control characters:
+    :func:`prn_ray.contracts.product_name_problem`) is never used as one: its rows get product
+    ``_invalid`` and an ``error`` (``bad_product_name: ...``, the name escaped); the ``error``
+    column is None for every other row.
     """
     ignored: dict[str, int] = {}
     if input_uri.lower().endswith(TABLE_EXTENSIONS):
@@ -45,10 +50,14 @@ def list_inputs(input_uri: str, storage_cfg: StorageConfig | None = None,
             ignored["not an image extension"] = n_other
         if n_loose:
             ignored["not under a product folder"] = n_loose
-        df = pd.DataFrame(rows, columns=["product", "image_uri"])
+        df = pd.DataFrame(rows, columns=["product", "image_uri"], dtype=object)
     wanted = list(products) if products else None
     if wanted is not None:
         df = df[df["product"].isin(wanted)]
+    problems = {p: product_name_problem(p) for p in df["product"].unique()}
+    df = df.assign(error=[f"{BAD_PRODUCT_NAME}: {storage.redact(problems[p])}" if problems[p]
+                          else None for p in df["product"]])
+    df.loc[df["error"].notna(), "product"] = INVALID_PRODUCT
     n = len(df)
     df = df.drop_duplicates(["product", "image_uri"])
     if len(df) < n:
@@ -64,8 +73,9 @@ def _read_manifest(uri: str, storage_cfg: StorageConfig | None) -> pd.DataFrame:
     except ManifestError as exc:
         raise ScoringError(f"{exc} (a scoring manifest needs product, image_uri)") from None
     df = df[["product", "image_uri"]].astype(str)
-    bad = df[(df["product"].str.strip() == "") | (df["image_uri"].str.strip() == "")]
+    # An empty product is a bad product name (an error row); an empty image_uri is no input.
+    bad = df[df["image_uri"].str.strip() == ""]
     if len(bad):
         raise ScoringError(f"manifest {storage.redact(uri)}: {len(bad)} row(s) with an empty "
-                           f"product or image_uri (first: line {int(bad.index[0]) + 2})")
+                           f"image_uri (first: line {int(bad.index[0]) + 2})")
     return df

@@ -9,16 +9,17 @@ import pandas as pd
 import ray
 
 from prn_ray.config import Config
-from prn_ray.data.ray_data import cluster_has_gpu, decode_stage, frame_dataset
+from prn_ray.data.ray_data import TallyReporter, cluster_has_gpu, decode_stage, frame_dataset
 from prn_ray.scoring.models import ResolvedModel
 from prn_ray.scoring.scorer import Scorer, after_decode, no_model_rows
 
 
 def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedModel],
-                  pidx: dict[str, int]):
+                  pidx: dict[str, int], tally=None):
     """The Ray Data plan: images decoded at each product's model size, an actor pool of
     scorers; rows of products without a model become error rows without being read. Output:
-    staging schema.
+    staging schema. ``tally``: a :class:`~prn_ray.data.ray_data.RetryTally` counting the
+    retried storage requests of the reads.
 
     Where the decode runs depends on the cluster. With GPUs, CPU tasks decode while the
     GPU actors score. On a CPU-only cluster the scorer decodes its own batches: decode tasks
@@ -31,14 +32,17 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
     out = []
     if len(scored):
         if gpus:
-            parts = [decode_stage(frame_dataset(rows.reset_index(drop=True), cfg), cfg,
-                                  int(models[product].image_size))
+            # decode adds its own error column
+            parts = [decode_stage(frame_dataset(rows[["product", "image_uri"]]
+                                                .reset_index(drop=True), cfg), cfg,
+                                  int(models[product].image_size), tally)
                      .map_batches(after_decode, batch_format="numpy",
                                   num_cpus=cfg.data.task_cpus)
                      for product, rows in scored.groupby("product", sort=True)]
             rows_in = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         else:
-            rows_in = frame_dataset(scored.reset_index(drop=True), cfg)
+            rows_in = frame_dataset(scored[["product", "image_uri"]].reset_index(drop=True),
+                                    cfg)
         out.append(rows_in.map_batches(
             Scorer,
             fn_constructor_kwargs={
@@ -48,6 +52,7 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
                 # thread.
                 "threads": max(1, math.ceil(sc.cpus_per_actor)), "use_gpu": gpus > 0,
                 "data_cfg": None if gpus else cfg.data,
+                "on_retries": TallyReporter(tally) if tally is not None else None,
             },
             compute=ray.data.ActorPoolStrategy(size=sc.actors),
             batch_size=sc.batch_size,

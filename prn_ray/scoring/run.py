@@ -31,8 +31,11 @@ from prn_ray.scoring.commit import (
     versions,
 )
 from prn_ray.scoring.inputs import list_inputs
-from prn_ray.scoring.models import resolve_models
+from prn_ray.scoring.lease import LeaseBusy, hold_partitions
+from prn_ray.scoring.models import ResolvedModel, resolve_models
 from prn_ray.scoring.table import (
+    BAD_PRODUCT_NAME,
+    INVALID_PRODUCT,
     NO_MODEL,
     PIDX,
     SCORING_FAILED,
@@ -81,6 +84,10 @@ class RunSummary:
     anomalies: int = 0
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     ignored_inputs: dict[str, int] = field(default_factory=dict)
+    # Object-storage requests that failed transiently and were tried again: the driver's and
+    # the decode tasks' (not the scorer actors' model loads, nor Ray Data's staging writes,
+    # which the SDK's own strategy retries uncounted).
+    retried_requests: int = 0
     products: list[ProductSummary] = field(default_factory=list)
     partitions: list[str] = field(default_factory=list)
     wall_s: float = 0.0
@@ -100,8 +107,13 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
     from prn_ray.runtime import quiet_ray_data
     from prn_ray.scoring.plan import build_dataset
 
+    import ray
+
+    from prn_ray.data.ray_data import RetryTally
+
     say = say or progress
     t0 = time.perf_counter()
+    retried0 = storage.retried_requests()
     date = check_date(date or today_utc())
     run_id = run_id or new_id("score-")
     scfg, out_uri = cfg.storage, cfg.score.output_uri
@@ -116,7 +128,10 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
     say("score", f"run {run_id} date {date}: {len(frame)} image(s) of {len(names)} product(s) "
                  f"from {storage.redact(input_uri)}")
 
-    models = resolve_models(cfg, names)
+    models = resolve_models(cfg, [p for p in names if p != INVALID_PRODUCT])
+    if INVALID_PRODUCT in names:  # never looked up: the name is not a path
+        models[INVALID_PRODUCT] = ResolvedModel(
+            INVALID_PRODUCT, error=f"{BAD_PRODUCT_NAME}: product name(s) not allowed")
     per: dict[str, ProductSummary] = {}
     for p in names:
         m = models[p]
@@ -143,9 +158,11 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
     staging = storage.join(out_uri, "_staging", date, run_id)
     pidx = {p: i for i, p in enumerate(names)}
     t1 = time.perf_counter()
+    tally = None
     if len(frame):
         quiet_ray_data()
-        ds = build_dataset(cfg, frame, models, pidx)
+        tally = RetryTally.remote()
+        ds = build_dataset(cfg, frame, models, pidx, tally)
         loc = storage.resolve(staging, scfg)
         ds.write_parquet(loc.path, filesystem=loc.fs, partition_cols=[PIDX],
                          min_bytes_per_file=_STAGING_MIN_FILE_BYTES,
@@ -166,6 +183,50 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
     # Ops/test hook: pause before each partition commit, so a kill can be aimed between
     # commits (tests/test_scoring.py kills a real job there). Unset in production.
     commit_delay = float(os.environ.get(COMMIT_DELAY_ENV) or 0)
+    # One committer per partition: another run of this date waits here, or gives up (LeaseBusy).
+    try:
+        with hold_partitions(out_uri, scfg, date, names, run_id, ttl_s=cfg.score.lease_s,
+                             wait_s=cfg.score.lease_wait_s, say=say) as leases:
+            _commit_all(cfg, names, stats, per, models, staged, summary, reasons, leases,
+                        date=date, run_id=run_id, commit_delay=commit_delay, say=say)
+    except LeaseBusy:
+        storage.delete_dir(staging, scfg)  # nothing of this run will be committed
+        raise
+
+    for p in names:
+        ps = per[p]
+        summary.rows += ps.rows
+        summary.scored += ps.scored
+        summary.errors += ps.errors
+        summary.anomalies += ps.anomalies
+    summary.errors_by_reason = dict(sorted(reasons.items()))
+    summary.products = [per[p] for p in names]
+    if not len(frame) and not summary.skipped:
+        summary.status = "empty"
+    elif any(per[p].error for p in names) or reasons.get(SCORING_FAILED) or \
+            reasons.get(NO_MODEL) or reasons.get(BAD_PRODUCT_NAME):
+        summary.status = "partial"
+    # This run's staging is no longer needed; nor is that of runs of this date that died
+    # long ago (a concurrent run's staging, e.g. other products of the same date, is kept).
+    storage.delete_dir(staging, scfg)
+    clean_stale_staging(out_uri, scfg, date)
+    summary.retried_requests = storage.retried_requests() - retried0 + (
+        int(ray.get(tally.total.remote())) if tally is not None else 0)
+    summary.wall_s = round(time.perf_counter() - t0, 3)
+    summary.images_per_s = round(summary.rows / summary.wall_s, 2) if summary.wall_s else 0.0
+    summary.summary_uri = storage.join(out_uri, "_runs", date, f"{run_id}.json")
+    storage.write_text(summary.summary_uri, json.dumps(summary.to_dict(), indent=1) + "\n", scfg)
+    summary.summary_uri = storage.redact(summary.summary_uri)
+    return summary
+
+
+def _commit_all(cfg: Config, names: list[str], stats, per: dict[str, ProductSummary],
+                models: dict[str, ResolvedModel], staged: dict[str, list[str]],
+                summary: RunSummary, reasons: Counter, leases, *, date: str, run_id: str,
+                commit_delay: float, say: Callable[[str, str], None]) -> None:
+    """Commit each product's partition (the run holds their leases)."""
+    scfg, out_uri = cfg.storage, cfg.score.output_uri
+    incremental = bool(cfg.score.incremental)
     for p in names:
         rows = stats[stats["product"] == p]
         ps = per[p]
@@ -183,38 +244,17 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
         used = sorted({models[p].version or "", *versions(carry)} - {""})
         if commit_delay:
             time.sleep(commit_delay)
+        leases.check()
         marker = commit_partition(
             out_uri, scfg, date=date, product=p, staged=staged.get(p, []), run_id=run_id,
             carry=carry,
             extra={"model_versions": used, "threshold": models[p].threshold,
                    "threshold_override": cfg.score.threshold is not None,
                    "errors": ps.errors, "anomalies": ps.anomalies,
-                   "incremental": incremental})
+                   "incremental": incremental},
+            before_marker=leases.check)
         summary.partitions.append(partition_uri(out_uri, date, p))
         say(p, f"committed {marker['rows']} row(s) to date={date}/product={p}")
-
-    for p in names:
-        ps = per[p]
-        summary.rows += ps.rows
-        summary.scored += ps.scored
-        summary.errors += ps.errors
-        summary.anomalies += ps.anomalies
-    summary.errors_by_reason = dict(sorted(reasons.items()))
-    summary.products = [per[p] for p in names]
-    if not len(frame) and not summary.skipped:
-        summary.status = "empty"
-    elif any(per[p].error for p in names) or reasons.get(SCORING_FAILED) or reasons.get(NO_MODEL):
-        summary.status = "partial"
-    # This run's staging is no longer needed; nor is that of runs of this date that died
-    # long ago (a concurrent run's staging, e.g. other products of the same date, is kept).
-    storage.delete_dir(staging, scfg)
-    clean_stale_staging(out_uri, scfg, date)
-    summary.wall_s = round(time.perf_counter() - t0, 3)
-    summary.images_per_s = round(summary.rows / summary.wall_s, 2) if summary.wall_s else 0.0
-    summary.summary_uri = storage.join(out_uri, "_runs", date, f"{run_id}.json")
-    storage.write_text(summary.summary_uri, json.dumps(summary.to_dict(), indent=1) + "\n", scfg)
-    summary.summary_uri = storage.redact(summary.summary_uri)
-    return summary
 
 
 def format_summary(s: RunSummary) -> str:
@@ -235,5 +275,7 @@ def format_summary(s: RunSummary) -> str:
                  f"pipeline {s.pipeline_s:.1f}s)" +
                  (f"; threshold override {s.threshold_override}" if s.threshold_override
                   is not None else ""))
+    if s.retried_requests:
+        lines.append(f"object-storage requests retried: {s.retried_requests}")
     lines.append(f"summary: {s.summary_uri}")
     return "\n".join(lines)

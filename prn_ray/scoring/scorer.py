@@ -5,6 +5,7 @@ plan (:mod:`prn_ray.scoring.plan`) runs them in an actor pool and in tasks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,10 +21,13 @@ from prn_ray.scoring.table import NO_MODEL, SCORING_FAILED, map_to_png, score_ta
 
 def no_model_rows(batch: pd.DataFrame, *, models: dict[str, ResolvedModel],
                   pidx: dict[str, int]) -> pa.Table:
-    """Rows of products without a model: error rows, nothing is read or decoded."""
+    """Rows of products without a model: error rows, nothing is read or decoded. A row's own
+    ``error`` (a bad product name, from the inputs) wins over its product's."""
     products = batch["product"].astype(str).tolist()
-    errors = [models[p].error if p in models and models[p].error else
-              f"{NO_MODEL}: product {p!r} has no resolved model" for p in products]
+    own = batch["error"].tolist() if "error" in batch else [None] * len(products)
+    errors = [e if isinstance(e, str) and e else
+              models[p].error if p in models and models[p].error else
+              f"{NO_MODEL}: product {p!r} has no resolved model" for p, e in zip(products, own)]
     return score_table(products, batch["image_uri"].astype(str).tolist(), errors, models, pidx,
                        datetime.now(timezone.utc))
 
@@ -35,11 +39,13 @@ class Scorer:
     With ``data_cfg`` the scorer reads and decodes each product's images itself, at that
     product's model size (:func:`prn_ray.images.decode_batch`); without it the rows arrive
     decoded (``image``, ``orig_height``/``orig_width``, ``error``) by tasks upstream.
+    ``on_retries(n)`` is told the storage requests each batch retried (model loads included).
     """
 
     def __init__(self, models: dict[str, ResolvedModel], storage_cfg: StorageConfig,
                  pidx: dict[str, int], threads: int = 1, use_gpu: bool = False,
-                 data_cfg: DataConfig | None = None):
+                 data_cfg: DataConfig | None = None,
+                 on_retries: Callable[[int], None] | None = None):
         from prn_ray.runner import RegisteredModels
 
         self.runner = RegisteredModels(storage_cfg, threads=threads, use_gpu=use_gpu)
@@ -47,6 +53,7 @@ class Scorer:
         self.pidx = pidx
         self.storage_cfg = storage_cfg
         self.data_cfg = data_cfg
+        self.on_retries = on_retries
         self._failed: dict[tuple[str, str], str] = {}  # (product, version) -> why it won't load
 
     @property
@@ -79,6 +86,14 @@ class Scorer:
         return out["image"], out["orig_height"], out["orig_width"], out["error"]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        # an actor runs one batch at a time: the process counter's difference is this batch's
+        retried0 = storage.retried_requests()
+        table = self._score(batch)
+        if self.on_retries is not None:
+            self.on_retries(storage.retried_requests() - retried0)
+        return table
+
+    def _score(self, batch: dict[str, np.ndarray]) -> pa.Table:
         now = datetime.now(timezone.utc)
         products = np.asarray([str(p) for p in batch["product"]], dtype=object)
         n = len(products)

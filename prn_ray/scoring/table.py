@@ -36,7 +36,9 @@ the number of input images to score.
 probability 1 (:func:`map_to_png` / :func:`png_to_map`).
 
 One row per input image. Error rows: ``error`` = ``"<reason>: <message>"`` (reasons of
-:mod:`prn_ray.images`, plus ``no_model`` and ``scoring_failed``); ``score``,
+:mod:`prn_ray.images`, plus ``no_model``, ``scoring_failed`` and ``bad_product_name``: a
+product name that may not become a path puts its rows, with ``product`` = ``_invalid``, in the
+reserved partition ``product=_invalid``); ``score``,
 ``anomaly_map_png``, ``height``, ``width`` and ``is_anomaly`` are null (an unreadable image is
 neither anomalous nor normal); ``threshold``/``model_version`` are set when the product had a
 model (null for ``no_model``).
@@ -62,6 +64,7 @@ import pyarrow.parquet as pq
 
 from prn_ray import images, storage
 from prn_ray.config import StorageConfig
+from prn_ray.contracts import product_name_problem
 
 SCORE_SCHEMA = pa.schema([
     pa.field("product", pa.string()),
@@ -84,6 +87,11 @@ MARKER = "_SUCCESS"
 MARKER_FORMAT = "prn_ray.scores/1"
 NO_MODEL = "no_model"
 SCORING_FAILED = "scoring_failed"
+BAD_PRODUCT_NAME = "bad_product_name"
+# Rows whose product name cannot be a path (prn_ray.contracts.PRODUCT_NAME) are committed under
+# this reserved name (never a valid product name: it starts with '_'), product column included,
+# so read_scores still returns one row per input image; the rejected name is in the error.
+INVALID_PRODUCT = "_invalid"
 COMMIT_DELAY_ENV = "PRN_SCORE_COMMIT_DELAY_S"
 STALE_STAGING_S = 24 * 3600  # staging of a run older than this is a dead run's: removed
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -113,7 +121,10 @@ def check_date(value: str) -> str:
 
 def partition_uri(output_uri: str, date: str, product: str) -> str:
     """``<output>/date=D/product=P`` (the product percent-encoded, as pyarrow's hive reader
-    decodes it)."""
+    decodes it). A product name that is not allowed never becomes a path: ValueError."""
+    problem = None if product == INVALID_PRODUCT else product_name_problem(product)
+    if problem:
+        raise ValueError(problem)
     return storage.join(output_uri, f"date={date}",
                         f"product={urllib.parse.quote(product, safe='')}")
 
@@ -258,9 +269,9 @@ def read_partition(part: Partition, cfg: StorageConfig | None, columns: list[str
                     ) -> pa.Table:
     tables = []
     for uri in part.files:
-        loc = storage.resolve(uri, cfg)
-        tables.append(pq.read_table(loc.path, filesystem=loc.fs, columns=columns,
-                                    schema=SCORE_SCHEMA))
+        loc = storage.resolve(uri, cfg, sdk_retries=False)
+        tables.append(storage.call(lambda loc=loc: pq.read_table(
+            loc.path, filesystem=loc.fs, columns=columns, schema=SCORE_SCHEMA), cfg))
     schema = pa.schema([SCORE_SCHEMA.field(c) for c in (columns or COLUMNS)])
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     return table.append_column("date", pa.array([part.date] * table.num_rows, pa.string()))

@@ -477,7 +477,8 @@ def test_magnetic_tile_paired_manifest(tmp_path):
     assert out["mask"].max() == 1
 
 
-@pytest.mark.parametrize("bad", ["../x", "a/b", "bad\tname", ".hidden", "x" * 129, "é"])
+@pytest.mark.parametrize("bad", ["../x", "a/b", "bad\tname", ".hidden", "x" * 129, "é",
+                                 "line\nfeed", "..", "."])
 def test_product_names_that_would_be_paths_are_skipped_and_reported(tmp_path, bad):
     rows = [{"product": p, "image_uri": f"{p.encode().hex()}_{i}.png", "label": "normal",
              "defect_type": "", "mask_uri": "", "split": "train"}
@@ -491,4 +492,14 @@ def test_product_names_that_would_be_paths_are_skipped_and_reported(tmp_path, ba
     assert any(f"product name {bad!r} is not allowed" in p for p in cat.problems)
     pd.DataFrame([r for r in rows if r["product"] == bad]).to_csv(path, index=False)
     with pytest.raises(CatalogError, match="nothing trainable"):
+        build_catalog(Config(data=DataConfig(manifest=str(path), seen_anomalies=0)))
+
+
+def test_empty_product_name_is_a_manifest_error(tmp_path):
+    """An empty product never becomes a path: the manifest is rejected row by row (exit 2)."""
+    rows = [{"product": p, "image_uri": f"{i}.png", "label": "normal", "defect_type": "",
+             "mask_uri": "", "split": "train"} for i, p in enumerate(["ok", "", "ok"])]
+    path = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    with pytest.raises(CatalogError, match="empty product"):
         build_catalog(Config(data=DataConfig(manifest=str(path), seen_anomalies=0)))

@@ -56,7 +56,7 @@ def test_commit_protocol_crash_points(tmp_path, monkeypatch):
 
     commit("old", "old")
     # (module, function, which call fails, what a reader sees afterwards)
-    cases = [(sc_commit, "_copy", 2, "old"),  # second new file not copied yet
+    cases = [(storage, "copy_file", 2, "old"),  # second new file not copied yet
              (storage, "write_text", 1, "old"),  # the marker (commit point) not written
              (storage, "delete_file", 1, "new")]  # committed; the old files not yet removed
     for module, name, fail_at, expected in cases:
@@ -104,11 +104,13 @@ def test_read_scores_trusts_only_success_markers(tmp_path):
     assert sc_table.read_scores(out, date="2030-01-01").empty
     few = sc_table.read_scores(out, columns=["image_uri", "score"])
     assert list(few.columns) == ["image_uri", "score", "date"]
-    # A product name that needs escaping round-trips through the hive directory name.
+    # A product name that may not be a path never becomes a partition directory.
     c = _stage(out, "c", _table("line 3/a=b", ["u5"], "v1"))
-    sc_commit.commit_partition(out, None, date=DATE, product="line 3/a=b", staged=[c],
-                             run_id="r2")
-    assert sc_table.read_scores(out, products=["line 3/a=b"])["image_uri"].tolist() == ["u5"]
+    for bad in ["line 3/a=b", "../x", "", "a\nb", "."]:
+        with pytest.raises(ValueError, match="not allowed"):
+            sc_commit.commit_partition(out, None, date=DATE, product=bad, staged=[c],
+                                       run_id="r2")
+    assert sorted(os.listdir(tmp_path / "scores" / f"date={DATE}")) == ["product=a", "product=b"]
 
 
 def test_list_inputs_prefix_and_manifest(tmp_path):
@@ -136,4 +138,46 @@ def test_list_inputs_prefix_and_manifest(tmp_path):
         sc_table.check_date("2024-02-30")
 
 
-# ----------------------------------------------------------------------------- evaluation jobs
+BAD_NAMES = ["../x", "a/b", "", "line\nfeed", "..", "-dash", "x" * 129]
+
+
+def test_bad_product_names_become_invalid_rows_never_paths(tmp_path):
+    """Manifest rows with names that may not be paths: product ``_invalid`` and a
+    ``bad_product_name`` error naming them (escaped); good names pass untouched."""
+    uris = [f"s3://b/img{i}.png" for i in range(len(BAD_NAMES) + 2)]
+    pd.DataFrame({"product": [*BAD_NAMES, "fab", "fab.v2_x-1"], "image_uri": uris}
+                 ).to_parquet(tmp_path / "m.parquet")
+    df = sc_inputs.list_inputs(str(tmp_path / "m.parquet"))
+    assert len(df) == len(uris)
+    good = df[df["error"].isna()]
+    assert sorted(good["product"]) == ["fab", "fab.v2_x-1"]
+    bad = df[df["error"].notna()].set_index("image_uri")
+    assert set(bad["product"]) == {sc_table.INVALID_PRODUCT}
+    for name, uri in zip(BAD_NAMES, uris):
+        err = bad.loc[uri, "error"]
+        assert err.startswith("bad_product_name: ") and repr(name) in err
+        assert "\n" not in err  # the newline is escaped, never written raw
+    assert sc_table.partition_uri("out", DATE, sc_table.INVALID_PRODUCT).endswith(
+        "product=_invalid")
+
+
+def test_bad_product_folders(s3_bucket, tmp_path):
+    """Input folders whose names may not be paths (S3: '-x', 'a b'; locally also a newline):
+    error rows under ``_invalid``, the good folder untouched. ('..' and empty folders cannot be
+    stored: HTTP clients and filesystems normalise them away; the manifest test covers them.)"""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for key in ["in/-x/2.png", "in/a b/3.png", "in/ok/4.png"]:
+        s3.put_object(Bucket=s3_bucket[len("s3://"):], Key=key, Body=b"x")
+    for name in ["-x", "li\nne", "ok"]:
+        (tmp_path / "in" / name).mkdir(parents=True)
+        (tmp_path / "in" / name / "1.png").write_bytes(b"x")
+    for root in (f"{s3_bucket}/in", str(tmp_path / "in")):
+        df = sc_inputs.list_inputs(root)
+        assert len(df) == 3
+        ok = df[df["error"].isna()]
+        assert ok["product"].tolist() == ["ok"]
+        bad = df[df["error"].notna()]
+        assert set(bad["product"]) == {sc_table.INVALID_PRODUCT}
+        assert all(e.startswith("bad_product_name: ") for e in bad["error"])
