@@ -132,6 +132,7 @@ PATH = not_empty
 RULES: dict[str, Rule] = {
     "storage.endpoint_url": endpoint, "storage.region": not_empty,
     "storage.models_uri": PATH, "storage.runs_uri": PATH,
+    "storage.retries": between(0, 20), "storage.retry_max_s": above(0),
     "data.root": PATH, "data.manifest": PATH, "data.products": unique_names,
     "data.image_size": at_least(32), "data.seen_anomalies": at_least(0),
     "data.split_seed": at_least(0), "data.val_normal_fraction": open_fraction,
@@ -185,6 +186,7 @@ RULES: dict[str, Rule] = {
     "must be a finite number",
     "score.model_version": version_pins, "score.batch_size": at_least(1),
     "score.actors": at_least(1), "score.cpus_per_actor": above(0), "score.incremental": TYPED,
+    "score.lease_s": at_least(1), "score.lease_wait_s": at_least(0),
     "ray.address": not_empty, "ray.num_cpus": at_least(1), "ray.dashboard_host": not_empty,
 }
 
