@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from prn_ray import storage
+from prn_ray import console, storage
 from prn_ray.config import Config, ConfigError, load_config
 from prn_ray.data.manifest import CatalogError
 from prn_ray.model.backbone import WeightsError
@@ -39,10 +39,18 @@ def job_parser(description: str | None) -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--products", type=names, default=None,
                    help="comma-separated products (default: data.products, else all)")
+    p.add_argument("--log-level", choices=console.LEVELS, default=None,
+                   help="the project's own lines: debug adds every epoch and step detail, "
+                        "warning keeps only problems and the final tables (default: info)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own console output (INFO/WARNING of Ray Core, Data, "
+                        "Train, Tune; worker logs); implies --log-level debug")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """The job's config; also sets up its logging, once (``--log-level``, ``--verbose``)."""
+    console.setup_logging(getattr(args, "log_level", None), getattr(args, "verbose", False))
     return load_config(args.config, args.overrides)
 
 

@@ -45,6 +45,7 @@ from prn_ray.data.manifest import COLUMNS, CatalogError, read_manifest
 from prn_ray.data.paths import base_uri, listed, rel_parts, relative_keys, sorted_by_key
 
 log = logging.getLogger(__name__)
+_LOGGED: set[tuple[str, str]] = set()  # (source, problem) already logged by this process
 
 # ----------------------------------------------------------------------------- MVTec tree
 
@@ -284,10 +285,14 @@ def build_catalog(cfg: Config, *, check_masks: bool = False) -> Catalog:
         bad = _check_mask_sizes(df, scfg)
         if bad:
             problems.append(f"{len(bad)} mask(s) do not match their image: {listed(bad)}")
-    for p in problems:
-        log.warning("catalog: %s", p)
-    if not keep:
+    if not keep:  # the error lists the problems: not logged as well
         raise CatalogError(
             f"nothing trainable in {storage.redact(source)}:\n  " + "\n  ".join(problems)
         )
+    for p in problems:
+        # Jobs build the catalog more than once (train, then score and evaluate, in the demo);
+        # the same problem is said once per process.
+        if (source, p) not in _LOGGED:
+            _LOGGED.add((source, p))
+            log.warning("catalog: %s", p)
     return Catalog(df=df, products=keep, problems=problems, source=source)

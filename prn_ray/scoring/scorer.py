@@ -5,6 +5,8 @@ plan (:mod:`prn_ray.scoring.plan`) runs them in an actor pool and in tasks."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,15 +33,20 @@ def no_model_rows(batch: pd.DataFrame, *, models: dict[str, ResolvedModel],
 class Scorer:
     """Callable over decoded batches (:func:`prn_ray.images.decode_batch` rows: ``image`` at the
     product's model size, ``orig_height``/``orig_width``, ``error``); a batch may mix products
-    (and therefore image sizes). Output: a pyarrow table in the staging schema."""
+    (and therefore image sizes). Output: a pyarrow table in the staging schema.
+
+    ``on_scored`` is told, after each batch, how many rows of each product it finished (the
+    run's progress lines, :class:`prn_ray.scoring.plan.ScoringProgress`)."""
 
     def __init__(self, models: dict[str, ResolvedModel], storage_cfg: StorageConfig,
-                 pidx: dict[str, int], threads: int = 1, use_gpu: bool = False):
+                 pidx: dict[str, int], threads: int = 1, use_gpu: bool = False,
+                 on_scored: Callable[[dict[str, int]], None] | None = None):
         from prn_ray.runner import RegisteredModels
 
         self.runner = RegisteredModels(storage_cfg, threads=threads, use_gpu=use_gpu)
         self.models = models
         self.pidx = pidx
+        self.on_scored = on_scored
         self._failed: dict[tuple[str, str], str] = {}  # (product, version) -> why it won't load
 
     @property
@@ -100,6 +107,8 @@ class Scorer:
                 msg = storage.redact(f"{SCORING_FAILED}: {type(exc).__name__}: {exc}")
                 for i in good:
                     errors[i] = msg
+        if self.on_scored is not None:
+            self.on_scored(dict(Counter(products.tolist())))
         return score_table(products.tolist(), uris, errors, self.models, self.pidx, now,
                            scores=score, maps=maps, heights=heights, widths=widths)
 

@@ -60,9 +60,7 @@ def training_inputs(cfg: Config, products: list[str] | None = None
                     ) -> tuple[pd.DataFrame, dict[str, list[str]], list[str]]:
     """The catalog without its test split, every product's train normals (heterologous
     sources for the others), and the products to train. Test rows never leave this function."""
-    catalog = build_catalog(cfg)
-    for problem in catalog.problems:
-        progress("catalog", problem)
+    catalog = build_catalog(cfg)  # logs its problems (a warning each)
     wanted = list(products or cfg.data.products or catalog.products)
     missing = sorted(set(wanted) - set(catalog.products))
     if missing:

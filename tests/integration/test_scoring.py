@@ -334,7 +334,7 @@ def test_killed_job_never_exposes_half_partitions_and_rerun_heals(world, first_r
     assert set(before) == {"fabric", "metal_plate", "wood_panel"}
     # A real job process, killed with SIGKILL after it committed its first partition
     # (fabric) and while it waits before the next one.
-    proc, lines = _start_job(world, "--threshold", "0.123",
+    proc, lines = _start_job(world, "--threshold", "0.123", "--log-level", "debug",
                              env_extra={sc_run.COMMIT_DELAY_ENV: "5"})
     _wait_for(lines, proc, "staged", timeout=300)
     _wait_for(lines, proc, "[fabric] committed", timeout=60)
