@@ -17,6 +17,7 @@ import logging
 import logging.config
 import os
 import socket
+import sys
 from pathlib import Path
 
 import ray
@@ -90,6 +91,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def quiet_worker_exit() -> None:
+    """In a long-lived Ray worker (a Tune trial): when Ray stops the process with SIGTERM, its
+    handler raises ``SystemExit`` wherever Python is; inside a garbage-collection callback
+    Python cannot raise it and prints "Exception ignored in: ... Traceback ... SystemExit" (an
+    orderly stop, not an error). Those exits are dropped; every other unraisable exception is
+    reported as before."""
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            default(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def quiet_train_worker() -> None:

@@ -49,7 +49,7 @@ def test_demo_runs_end_to_end_with_relative_paths(tmp_path: Path):
     lines = out.splitlines()
     assert len(lines) <= 45, f"{len(lines)} console lines:\n{out}"
     noise = [line for line in lines if RAY_NOISE.search(line)]
-    assert not noise, "\n".join(noise)
+    assert not noise, "\n".join(noise) + "\n\nwhole console:\n" + out
     pos = [next((i for i, line in enumerate(lines) if step in line), -1) for step in STORY]
     assert -1 not in pos and pos == sorted(pos), list(zip(STORY, pos))
     # Everything lives under the directory the command ran in.

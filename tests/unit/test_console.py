@@ -109,3 +109,22 @@ def test_png_colour_profile_is_dropped_pixels_unchanged():
     assert without_color_profile(with_profile) == data
     assert (decode_rgb(with_profile) == img[:, :, ::-1]).all()
     assert without_color_profile(b"\xff\xd8jpeg") == b"\xff\xd8jpeg"
+
+
+def test_an_orderly_worker_exit_prints_no_traceback():
+    """Ray stops a Tune trial's process with SIGTERM, whose handler raises SystemExit; raised
+    inside a garbage-collection callback, Python would print it as an ignored exception."""
+    code = ("import gc, sys\n"
+            "from prn_ray.runtime import quiet_worker_exit\n"
+            "quiet_worker_exit()\n"
+            "class Exits:\n"
+            "    def __del__(self):\n"
+            "        raise SystemExit(1)\n"
+            "class Fails:\n"
+            "    def __del__(self):\n"
+            "        raise ValueError('a real problem')\n"
+            "Exits(); Fails(); gc.collect()\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120).stderr
+    assert "SystemExit" not in err
+    assert "ValueError: a real problem" in err  # other unraisable exceptions still show
