@@ -104,13 +104,12 @@ def model_flops(cfg, size: int) -> float:
 def bare_loop(args) -> dict:
     """In this (fresh) process: bytes -> decode -> model -> PNG, one batch at a time."""
     import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import torch
 
     from prn_ray import images, registry, storage
     from prn_ray.config import StorageConfig
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from prn_ray.model.prn import image_score
     from prn_ray.runner import images_to_tensor
     from prn_ray.scoring.table import map_to_png

@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from prn_ray import console
 from prn_ray.config import Config, ConfigError, load_config
 from prn_ray.errors import CatalogError, RegistryError, UsageError, WeightsError
 
@@ -72,10 +73,18 @@ def job_parser(description: str | None, prog: str | None = None,
         p.add_argument("--dry-run", action="store_true",
                        help="print the plan (products, images per split, resources, outputs) "
                             "and exit without starting Ray")
+    p.add_argument("--log-level", choices=console.LEVELS, default=None,
+                   help="the project's own lines: debug adds every epoch and step detail, "
+                        "warning keeps only problems and the final tables (default: info)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own console output (INFO/WARNING of Ray Core, Data, "
+                        "Train, Tune; worker logs); implies --log-level debug")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """The job's config; also sets up its logging, once (``--log-level``, ``--verbose``)."""
+    console.setup_logging(getattr(args, "log_level", None), getattr(args, "verbose", False))
     return load_config(args.config, args.overrides)
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 from prn_ray import images, metrics, storage
 from prn_ray.config import Config, StorageConfig
-from prn_ray.console import progress
+from prn_ray.console import Every, detail, progress, rate_line
 from prn_ray.contracts import new_id
 from prn_ray.data.catalog import build_catalog
 from prn_ray.report import (
@@ -34,6 +34,8 @@ from prn_ray.report import (
 )
 from prn_ray.runner import RegisteredModels
 from prn_ray.scoring.table import png_to_map, read_scores
+
+PROGRESS_EVERY_S = 15.0  # a progress line of a product's test pass at most this often
 
 
 class EvalScorer:
@@ -88,23 +90,27 @@ def evaluate_product(cfg: Config, product: str, test: pd.DataFrame, version: str
     import ray
 
     from prn_ray import registry
-    from prn_ray.data.ray_data import decode_stage, frame_dataset
+    from prn_ray.data.ray_data import actor_pool_map, decode_stage, frame_dataset
 
     mv = registry.load(cfg.storage, product, version)
     frame = test[["image_uri", "mask_uri", "label", "defect_type"]].reset_index(drop=True)
     frame["mask_uri"] = frame["mask_uri"].fillna("")
     ds = decode_stage(frame_dataset(frame, cfg), cfg, mv.image_size)
-    ds = ds.map_batches(
-        EvalScorer, fn_constructor_kwargs={"storage_cfg": cfg.storage, "product": product,
+    ds = actor_pool_map(
+        ds, EvalScorer, fn_constructor_kwargs={"storage_cfg": cfg.storage, "product": product,
                                            "version": mv.version,
                                            "threads": max(1, int(cfg.score.cpus_per_actor))},
         compute=ray.data.ActorPoolStrategy(size=cfg.score.actors),
         batch_size=cfg.score.batch_size, batch_format="numpy", num_cpus=cfg.score.cpus_per_actor)
     parts: dict[str, list] = {k: [] for k in ("image_uri", "label", "defect_type", "mask",
                                               "map", "score", "ms", "error")}
+    done, clock = 0, Every(PROGRESS_EVERY_S)
     for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
         for k in parts:
             parts[k].append(batch[k])
+        done += len(batch["image_uri"])
+        if done < len(frame) and clock.due():
+            progress(product, "test: " + rate_line(done, len(frame), clock.elapsed()))
     cols = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
     ok = images.error_free(cols["error"])
     errors = {str(u): str(e) for u, e, good in zip(cols["image_uri"], cols["error"], ok)
@@ -208,7 +214,11 @@ def evaluate_scores(cfg: Config, scores_uri: str, date: str | None = None,
             continue
         acc = metrics.PixelMetricAccumulator(fpr_limit=0.3)
         labels, scores = [], []
-        for r in part.itertuples():
+        clock = Every(PROGRESS_EVERY_S)
+        for done, r in enumerate(part.itertuples()):
+            if clock.due():
+                progress(product, "scores vs ground truth: "
+                         + rate_line(done, len(part), clock.elapsed()))
             t = truth.loc[r.image_uri]
             prob = png_to_map(r.anomaly_map_png)
             h, w = prob.shape
@@ -228,7 +238,7 @@ def evaluate_scores(cfg: Config, scores_uri: str, date: str | None = None,
             info={"rows": len(part), "resolution": "original",
                   "left out (error, not in the test split)": n_rows - len(part)})
         evaluations.append(ev)
-        progress(product, "scores vs ground truth: " + ", ".join(
+        detail(product, "scores vs ground truth: " + ", ".join(
             f"{k} {ev.metric(k):.4f}" for k in ("image_auroc", "pixel_auroc", "pixel_ap")))
     _write(evaluations, out_uri, cfg, report, title="PRN evaluation: nightly scores")
     return evaluations, out_uri

@@ -44,9 +44,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from prn_ray.console import progress
     from prn_ray.data.catalog import build_catalog
     from prn_ray.evaluation import evaluate_models, evaluate_scores
-    from prn_ray.report import markdown_table
+    from prn_ray.report import markdown_table, mean_metrics
     from prn_ray.runtime import init_ray
-    from prn_ray.scoring.run import format_summary as score_summary
     from prn_ray.scoring.run import score
     from prn_ray.scoring.table import today_utc
     from prn_ray.train.fleet import format_summary as train_summary
@@ -77,14 +76,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     warehouse = storage.join(cfg.storage.runs_uri, "warehouse.csv")  # the "new images"
     storage.write_text(warehouse, test.to_csv(index=False), cfg.storage)
     summary = score(cfg, warehouse, date=today_utc(), products=args.products)
-    print(score_summary(summary), flush=True)
+    # One line of the run's table (jobs/score.py prints it whole; the JSON has everything).
+    progress("demo", f"scoring run {summary.run_id}: {summary.status}, {summary.scored} of "
+                     f"{summary.images} image(s) scored, {summary.anomalies} flagged anomalous, "
+                     f"{summary.errors} error(s); summary {summary.summary_uri}")
 
     progress("demo", "4/4 evaluation and report")
     evaluations, out = evaluate_models(cfg, args.products)
-    print(markdown_table(evaluations), flush=True)
-    _, scores_out = evaluate_scores(cfg, cfg.score.output_uri, date=summary.date,
+    print(markdown_table(evaluations).rstrip(), flush=True)
+    nightly, scores_out = evaluate_scores(cfg, cfg.score.output_uri, date=summary.date,
                                     products=args.products)
     progress("demo", f"done in {time.time() - t0:.0f}s")
     progress("demo", f"report: {storage.redact(out)}/report.html")
-    progress("demo", f"nightly scores vs ground truth: {storage.redact(scores_out)}/report.html")
+    auroc, n = mean_metrics(nightly).get("image_auroc", (float("nan"), 0))
+    progress("demo", f"nightly scores vs ground truth (image AUROC {auroc:.3f}, mean of {n} "
+                     f"product(s)): {storage.redact(scores_out)}/report.html")
     return 0

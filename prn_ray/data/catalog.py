@@ -40,12 +40,12 @@ import pandas as pd
 
 from prn_ray import storage
 from prn_ray.config import Config, DataConfig, StorageConfig
-from prn_ray.console import progress
 from prn_ray.contracts import IMAGE_EXTENSIONS, SPLITS, product_name_problem
 from prn_ray.data.manifest import COLUMNS, CatalogError, read_manifest
 from prn_ray.data.paths import base_uri, listed, rel_parts, relative_keys, sorted_by_key
 
 log = logging.getLogger(__name__)
+_LOGGED: set[tuple[str, str]] = set()  # (source, problem) already logged by this process
 
 # ----------------------------------------------------------------------------- MVTec tree
 
@@ -285,12 +285,16 @@ def build_catalog(cfg: Config, *, check_masks: bool = False) -> Catalog:
         bad = _check_mask_sizes(df, scfg)
         if bad:
             problems.append(f"{len(bad)} mask(s) do not match their image: {listed(bad)}")
-    for p in problems:
-        log.warning("catalog: %s", p)
-    if not keep:
+    if not keep:  # the error lists the problems: not logged as well
         raise CatalogError(
             f"nothing trainable in {storage.redact(source)}:\n  " + "\n  ".join(problems)
         )
+    for p in problems:
+        # Jobs build the catalog more than once (train, then score and evaluate, in the demo);
+        # the same problem is said once per process.
+        if (source, p) not in _LOGGED:
+            _LOGGED.add((source, p))
+            log.warning("catalog: %s", p)
     return Catalog(df=df, products=keep, problems=problems, source=source)
 
 
@@ -300,9 +304,7 @@ def training_inputs(cfg: Config, products: list[str] | None = None,
     """The catalog without its test split, every product's train normals (heterologous
     sources for the others), and the products to train. Test rows never leave this function.
     No Ray: jobs call it before Ray starts, so a wrong data location is an input error."""
-    catalog = catalog or build_catalog(cfg)
-    for problem in catalog.problems:
-        progress("catalog", problem)
+    catalog = catalog or build_catalog(cfg)  # logs its problems (a warning each)
     wanted = list(products or cfg.data.products or catalog.products)
     missing = sorted(set(wanted) - set(catalog.products))
     if missing:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -63,6 +64,25 @@ def with_idle_backoff(ds: ray.data.Dataset) -> ray.data.Dataset:
     if IdleBackoff not in callbacks:
         callbacks.append(IdleBackoff)
     return ds
+
+
+# Actor pools are not restarted by Ray when an actor dies: Ray Data passes an actor its
+# constructor arguments through the object store, and Ray cannot guarantee a restart with such
+# arguments (it logs an error for every actor that asks for one; ray-project/ray#53727). Our
+# recovery is one level up: a training run resumes from its checkpoint (train.max_failures), a
+# scoring or evaluation run is rerun (a rerun replaces a date's partitions).
+def no_actor_restarts() -> dict[str, int]:
+    """``map_batches(ray_remote_args_fn=...)`` of every actor pool (see above)."""
+    return {"max_restarts": 0, "max_task_retries": 0}
+
+
+def actor_pool_map(ds: ray.data.Dataset, fn, **kwargs) -> ray.data.Dataset:
+    """``ds.map_batches(fn, **kwargs)`` in an actor pool whose actors Ray does not restart."""
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates ray_remote_args_fn in favour of named parameters but has none
+        # for max_restarts yet: until it does, this is the one way to turn restarts off.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.* is deprecated")
+        return ds.map_batches(fn, ray_remote_args_fn=no_actor_restarts, **kwargs)
 
 
 def cluster_has_gpu() -> bool:
@@ -129,8 +149,8 @@ def feature_stage(ds: ray.data.Dataset, cfg: Config, image_size: int,
     operator (``select_columns``, ``filter``) can starve forever on a small busy cluster."""
     gpu = cluster_has_gpu()
     cpus = cfg.train.feature_actor_cpus
-    return ds.map_batches(
-        FeatureExtractor,
+    return actor_pool_map(
+        ds, FeatureExtractor,
         fn_constructor_kwargs={
             "model_cfg": cfg.model,
             "storage_cfg": cfg.storage,

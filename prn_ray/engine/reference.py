@@ -30,7 +30,7 @@ from safetensors.torch import save as safetensors_save
 
 from prn_ray import images, storage
 from prn_ray.config import Config
-from prn_ray.console import progress
+from prn_ray.console import Every, detail, progress, rate_line
 from prn_ray.contracts import FEATURE_COLUMNS
 from prn_ray.data.feature_cache import FeatureCache, seen_features
 from prn_ray.data.product import ProductData
@@ -40,6 +40,7 @@ from prn_ray.model.reference import NormalReference, fit_reference
 CACHE_VERSION = 2  # bump when feature extraction or the reference fit change
 Batches = Iterable[dict[str, np.ndarray]]  # image_uri, error, feat0..3 (numpy)
 Features = list[np.ndarray]  # per level [N, C, h, w]: the train normals, in their order
+PROGRESS_EVERY_S = 15.0  # a progress line of the feature pass at most this often
 
 
 def cache_uri(data: ProductData, cfg: Config, image_size: int) -> str:
@@ -95,8 +96,8 @@ def compute_reference(data: ProductData, cfg: Config, image_size: int,
         data.exclude(bad)
         progress(data.product, f"normal reference: cached ({cache.rsplit('/', 1)[-1][:12]}…)")
         return ref, feats
-    progress(data.product, f"normal reference: features of {len(data.train_normals)} normal "
-                           "images (statistics, prototypes, patch memory)")
+    detail(data.product, f"normal reference: features of {len(data.train_normals)} normal "
+                         "images (statistics, prototypes, patch memory)")
     ref, bad, feats = fit_from_batches(data, cfg, batches())
     if cache:
         # features first: a reader that sees the reference sees its features too
@@ -117,7 +118,7 @@ def fit_from_batches(data: ProductData, cfg: Config, batches: Batches
     uris: list[np.ndarray] = []
     bad: dict[str, str] = {}
     total = len(data.train_normals)
-    done, last = 0, 0
+    done, clock = 0, Every(PROGRESS_EVERY_S)
     for batch in batches:
         err = batch["error"]
         ok = images.error_free(err)
@@ -127,9 +128,8 @@ def fit_from_batches(data: ProductData, cfg: Config, batches: Batches
         for j, col in enumerate(FEATURE_COLUMNS):
             per_level[j].append(np.asarray(batch[col])[ok])
         done += len(ok)
-        if done - last >= max(64, total // 5) and done < total:
-            last = done
-            progress(data.product, f"normal reference: {done}/{total} images")
+        if done < total and clock.due():
+            progress(data.product, "normal reference: " + rate_line(done, total, clock.elapsed()))
     data.exclude(bad)
     if not data.train_normals:
         raise RuntimeError(f"product {data.product}: no readable normal training image")

@@ -58,9 +58,14 @@ class HeadTrainer:
     """
 
     def __init__(self, head: PRNHead, cfg: Config, device: torch.device, epoch_rows: int,
-                 world: int = 1, say=lambda msg: None):
+                 world: int = 1, say=lambda msg: None, say_detail=None):
         tc = cfg.train
-        self.cfg, self.device, self.world, self.say = cfg, device, world, say
+        self.cfg, self.device, self.world = cfg, device, world
+        self._say = say
+        # Epochs without validation and the untrained head's figures: detail lines (shown at
+        # --log-level debug); validated epochs, resumes and long-epoch heartbeats: progress.
+        self.say_detail = say_detail or say
+        self.last_said = time.time()  # the heartbeat counts from the last progress line
         self.precision = resolve_precision(tc.precision, device)
         self.head = head.to(device)
         if tc.channels_last and device.type == "cpu":
@@ -78,6 +83,10 @@ class HeadTrainer:
         self.val: ValidationSet | None = None
         self._mark = 0.0
         self.say_every_s = 120.0
+
+    def say(self, message: str) -> None:
+        self.last_said = time.time()
+        self._say(message)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -169,7 +178,7 @@ class HeadTrainer:
         self._validate_and_select(-1, record)
         record["val_s"] = round(time.time() - t0, 3)
         self.state.history.append(record)
-        self.say("before training: " + _shown(record))
+        self.say_detail("before training: " + _shown(record))
 
     # -- epoch end --------------------------------------------------------------------------
 
@@ -217,9 +226,10 @@ class HeadTrainer:
             state.stopped = "time_budget"
         stop = _stop_everywhere(stop, self.world)
         state.history.append(record)
-        self.say(f"epoch {epoch + 1}/{self.budget_epochs} step {state.step}/{self.total_steps} "
-                 f"loss {mean_loss:.4f} lr {record['lr']:.2e} " + _shown(record)
-                 + f" ({state.elapsed_s:.0f}s)")
+        (self.say if due or stop else self.say_detail)(
+            f"epoch {epoch + 1}/{self.budget_epochs} step {state.step}/{self.total_steps} "
+            f"loss {mean_loss:.4f} lr {record['lr']:.2e} " + _shown(record)
+            + f" ({state.elapsed_s:.0f}s)")
         if due or stop:
             out = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             out.update(best_score=state.best_score if state.best_epoch >= 0 else math.nan,
@@ -240,7 +250,6 @@ class HeadTrainer:
         first = True
         stopped = (self.state.step >= self.total_steps or epoch >= self.cfg.train.epochs
                    or bool(self.state.stopped))  # restored from a finished run: nothing to do
-        last_say = time.time()
         self.model.train()
         for batch in ([] if stopped else batches):
             if first:
@@ -259,8 +268,7 @@ class HeadTrainer:
                 self.state.first_batch_at = self.state.first_batch_at or time.time()
             loss_sum += self.step([batch[c] for c in FEATURE_COLUMNS], batch["mask"])
             n, in_epoch = n + 1, in_epoch + 1
-            if time.time() - last_say >= self.say_every_s:  # long epochs: show life
-                last_say = time.time()
+            if time.time() - self.last_said >= self.say_every_s:  # long epochs: show life
                 self.say(f"epoch {epoch + 1} step {in_epoch}/{self.steps_per_epoch} "
                          f"loss {loss_sum / n:.4f} ({self.elapsed():.0f}s)")
             # A time budget ends the epoch early rather than overshooting by up to an epoch.

@@ -4,22 +4,98 @@
 from __future__ import annotations
 
 import math
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import pandas as pd
 import ray
 
 from prn_ray.config import Config
-from prn_ray.data.ray_data import TallyReporter, cluster_has_gpu, decode_stage, frame_dataset
+from prn_ray.console import Every, rate_line
+from prn_ray.data.ray_data import (
+    TallyReporter,
+    actor_pool_map,
+    cluster_has_gpu,
+    decode_stage,
+    frame_dataset,
+)
 from prn_ray.scoring.models import ResolvedModel
 from prn_ray.scoring.scorer import Scorer, after_decode, no_model_rows
 
 
+@ray.remote(num_cpus=0)
+class ScoredCounter:
+    """Rows scored so far, per product: the scorer actors add, the driver reads."""
+
+    def __init__(self) -> None:
+        self.done: Counter = Counter()
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.done.update(counts)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.done)
+
+
+def tell_counter(counter, counts: dict[str, int]) -> None:
+    counter.add.remote(counts)  # fire and forget: a batch never waits on the count
+
+
+class ScoringProgress:
+    """Progress lines while the plan runs inside ``write_parquet`` (which reports nothing until
+    it returns): the scorer actors count finished rows per product in a :class:`ScoredCounter`,
+    and a driver thread prints the counts every ``every_s`` seconds."""
+
+    def __init__(self, totals: dict[str, int], say: Callable[[str, str], None],
+                 every_s: float = 10.0):
+        self.totals, self.say, self.every_s = totals, say, every_s
+        self.counter = ScoredCounter.remote() if totals else None
+
+    def callback(self) -> Callable[[dict[str, int]], None] | None:
+        return partial(tell_counter, self.counter) if self.counter is not None else None
+
+    def line(self, done: dict[str, int], elapsed_s: float) -> str:
+        total = sum(self.totals.values())
+        per = ", ".join(f"{p} {done.get(p, 0)}/{n}" for p, n in self.totals.items())
+        return rate_line(sum(done.values()), total, elapsed_s) + f" ({per})"
+
+    @contextmanager
+    def reporting(self) -> Iterator[None]:
+        if self.counter is None:  # nothing to score (every product lacks a model)
+            yield
+            return
+        stop = threading.Event()
+        clock = Every(self.every_s)
+
+        def loop() -> None:
+            said = 0
+            while not stop.wait(self.every_s):
+                done = ray.get(self.counter.snapshot.remote())
+                if sum(done.values()) > said:  # nothing new (start-up): no line
+                    said = sum(done.values())
+                    self.say("score", self.line(done, clock.elapsed()))
+
+        thread = threading.Thread(target=loop, name="scoring-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            ray.kill(self.counter)
+
+
 def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedModel],
-                  pidx: dict[str, int], tally=None):
+                  pidx: dict[str, int], tally=None,
+                  on_scored: Callable[[dict[str, int]], None] | None = None):
     """The Ray Data plan: images decoded at each product's model size, an actor pool of
     scorers; rows of products without a model become error rows without being read. Output:
     staging schema. ``tally``: a :class:`~prn_ray.data.ray_data.RetryTally` counting the
-    retried storage requests of the reads.
+    retried storage requests of the reads; ``on_scored`` is passed to every scorer actor
+    (:class:`ScoringProgress`).
 
     Where the decode runs depends on the cluster. With GPUs, CPU tasks decode while the
     GPU actors score. On a CPU-only cluster the scorer decodes its own batches: decode tasks
@@ -43,8 +119,8 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
         else:
             rows_in = frame_dataset(scored[["product", "image_uri"]].reset_index(drop=True),
                                     cfg)
-        out.append(rows_in.map_batches(
-            Scorer,
+        out.append(actor_pool_map(
+            rows_in, Scorer,
             fn_constructor_kwargs={
                 "models": models, "storage_cfg": cfg.storage, "pidx": pidx,
                 # ceil: on a GPU node the fractional rest of a core is left to decode tasks,
@@ -53,6 +129,7 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
                 "threads": max(1, math.ceil(sc.cpus_per_actor)), "use_gpu": gpus > 0,
                 "data_cfg": None if gpus else cfg.data,
                 "on_retries": TallyReporter(tally) if tally is not None else None,
+                "on_scored": on_scored,
             },
             compute=ray.data.ActorPoolStrategy(size=sc.actors),
             batch_size=sc.batch_size,

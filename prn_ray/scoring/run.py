@@ -20,7 +20,7 @@ import numpy as np
 
 from prn_ray import storage
 from prn_ray.config import Config
-from prn_ray.console import format_table, progress
+from prn_ray.console import detail, format_table, progress
 from prn_ray.contracts import new_id
 from prn_ray.scoring.commit import (
     carry_over,
@@ -104,12 +104,11 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
           say: Callable[[str, str], None] | None = None) -> RunSummary:
     """Score every image under ``input_uri`` for ``date`` (default today, UTC) and commit the
     date's partitions under ``cfg.score.output_uri``. Needs Ray (``runtime.init_ray``)."""
-    from prn_ray.runtime import quiet_ray_data
-    from prn_ray.scoring.plan import build_dataset
-
     import ray
 
     from prn_ray.data.ray_data import RetryTally
+    from prn_ray.runtime import quiet_ray_data
+    from prn_ray.scoring.plan import ScoringProgress, build_dataset
 
     say = say or progress
     t0 = time.perf_counter()
@@ -137,8 +136,11 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
         m = models[p]
         per[p] = ProductSummary(p, m.version, m.threshold,
                                 images=int((frame["product"] == p).sum()), error=m.error)
-        say(p, f"model {m.version} (image size {m.image_size}, threshold {m.threshold:.4f})"
-            if m.version else m.error or NO_MODEL)
+        if m.version:
+            detail(p, f"model {m.version} (image size {m.image_size}, "
+                      f"threshold {m.threshold:.4f})")
+        else:
+            say(p, m.error or NO_MODEL)
 
     # Incremental: images already scored without error by the version resolved now.
     if incremental and len(frame):
@@ -162,13 +164,17 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
     if len(frame):
         quiet_ray_data()
         tally = RetryTally.remote()
-        ds = build_dataset(cfg, frame, models, pidx, tally)
+        totals = {p: int(n) for p, n in frame["product"].value_counts().sort_index().items()
+                  if models[p].version}  # products without a model are not scored
+        watch = ScoringProgress(totals, say)
+        ds = build_dataset(cfg, frame, models, pidx, tally, watch.callback())
         loc = storage.resolve(staging, scfg)
-        ds.write_parquet(loc.path, filesystem=loc.fs, partition_cols=[PIDX],
-                         min_bytes_per_file=_STAGING_MIN_FILE_BYTES,
-                         schema=STAGING_SCHEMA,
-                         # explicit: a default 1-CPU write task can starve on a busy cluster
-                         ray_remote_args={"num_cpus": cfg.data.task_cpus})
+        with watch.reporting():
+            ds.write_parquet(loc.path, filesystem=loc.fs, partition_cols=[PIDX],
+                             min_bytes_per_file=_STAGING_MIN_FILE_BYTES,
+                             schema=STAGING_SCHEMA,
+                             # explicit: a default 1-CPU write task can starve on a busy cluster
+                             ray_remote_args={"num_cpus": cfg.data.task_cpus})
     summary.pipeline_s = round(time.perf_counter() - t1, 3)
     staged = staged_by_product(staging, scfg, names) if len(frame) else {}
     stats = staged_stats([u for fs_ in staged.values() for u in fs_], scfg)
@@ -177,7 +183,8 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
         raise ScoringError(f"staged {len(stats)} row(s) for {len(frame)} image(s) to score "
                            f"(run {run_id}); nothing committed, staging left at "
                            f"{storage.redact(staging)}")
-    say("score", f"staged {len(stats)} row(s) in {summary.pipeline_s:.1f}s; committing")
+    say("score", f"staged {len(stats)} row(s) in {summary.pipeline_s:.1f}s "
+                 f"({len(stats) / max(summary.pipeline_s, 1e-9):.1f} images/s); committing")
 
     reasons: Counter = Counter()
     # Ops/test hook: pause before each partition commit, so a kill can be aimed between
@@ -254,7 +261,7 @@ def _commit_all(cfg: Config, names: list[str], stats, per: dict[str, ProductSumm
                    "incremental": incremental},
             before_marker=leases.check)
         summary.partitions.append(partition_uri(out_uri, date, p))
-        say(p, f"committed {marker['rows']} row(s) to date={date}/product={p}")
+        detail(p, f"committed {marker['rows']} row(s) to date={date}/product={p}")
 
 
 def format_summary(s: RunSummary) -> str:

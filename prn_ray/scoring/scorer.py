@@ -5,6 +5,7 @@ plan (:mod:`prn_ray.scoring.plan`) runs them in an actor pool and in tasks."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -39,13 +40,16 @@ class Scorer:
     With ``data_cfg`` the scorer reads and decodes each product's images itself, at that
     product's model size (:func:`prn_ray.images.decode_batch`); without it the rows arrive
     decoded (``image``, ``orig_height``/``orig_width``, ``error``) by tasks upstream.
-    ``on_retries(n)`` is told the storage requests each batch retried (model loads included).
+    ``on_retries(n)`` is told the storage requests each batch retried (model loads included);
+    ``on_scored`` how many rows of each product it finished (the run's progress lines,
+    :class:`prn_ray.scoring.plan.ScoringProgress`).
     """
 
     def __init__(self, models: dict[str, ResolvedModel], storage_cfg: StorageConfig,
                  pidx: dict[str, int], threads: int = 1, use_gpu: bool = False,
                  data_cfg: DataConfig | None = None,
-                 on_retries: Callable[[int], None] | None = None):
+                 on_retries: Callable[[int], None] | None = None,
+                 on_scored: Callable[[dict[str, int]], None] | None = None):
         from prn_ray.runner import RegisteredModels
 
         self.runner = RegisteredModels(storage_cfg, threads=threads, use_gpu=use_gpu)
@@ -54,6 +58,7 @@ class Scorer:
         self.storage_cfg = storage_cfg
         self.data_cfg = data_cfg
         self.on_retries = on_retries
+        self.on_scored = on_scored
         self._failed: dict[tuple[str, str], str] = {}  # (product, version) -> why it won't load
 
     @property
@@ -91,6 +96,8 @@ class Scorer:
         table = self._score(batch)
         if self.on_retries is not None:
             self.on_retries(storage.retried_requests() - retried0)
+        if self.on_scored is not None:
+            self.on_scored(dict(Counter(str(p) for p in batch["product"])))
         return table
 
     def _score(self, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -72,9 +72,28 @@ def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def without_color_profile(data: bytes) -> bytes:
+    """PNG bytes without their ``iCCP`` chunk (other formats unchanged). OpenCV ignores colour
+    profiles, so the pixels are the same; libpng, though, prints a warning for a malformed one
+    (scikit-image's bundled page.png has one) on every decode."""
+    if not data.startswith(PNG_SIGNATURE):
+        return data
+    out, pos = [PNG_SIGNATURE], len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        end = pos + 12 + length  # length, type, data, CRC
+        if data[pos + 4:pos + 8] != b"iCCP":
+            out.append(data[pos:end])
+        pos = end
+    return b"".join(out)
+
+
 def decode_rgb(data: bytes) -> np.ndarray | None:
     """Encoded bytes -> uint8 RGB, or ``None`` when OpenCV cannot decode them."""
-    arr = np.frombuffer(data, dtype=np.uint8)
+    arr = np.frombuffer(without_color_profile(data), dtype=np.uint8)
     img = cv2.imdecode(arr, cv2.IMREAD_COLOR)  # 8-bit BGR; drops alpha, converts gray / 16-bit
     if img is None or img.size == 0:
         return None
@@ -232,10 +251,11 @@ def skimage_textures(size: int, rng: np.random.Generator) -> list[np.ndarray]:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
-        img = cv2.imread(path, cv2.IMREAD_COLOR)
+        with open(path, "rb") as f:
+            img = decode_rgb(f.read())
         if img is None:
             continue
-        out.append(random_square_crop(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), size, rng))
+        out.append(random_square_crop(img, size, rng))
     return out
 
 

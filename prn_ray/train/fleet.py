@@ -22,7 +22,7 @@ from prn_ray.console import format_table, progress
 from prn_ray.contracts import dumps, new_id
 from prn_ray.data.catalog import training_inputs
 from prn_ray.plans import products_at_once
-from prn_ray.runtime import quiet_ray_data
+from prn_ray.runtime import quiet_ray_data, quiet_worker_exit
 from prn_ray.train.product import ProductResult, storage_filesystem, train_product
 
 
@@ -31,6 +31,7 @@ def _product_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     quiet_ray_data()
+    quiet_worker_exit()
     cfg = from_dict(config["cfg"]).replace(config["overrides"].get(config["product"], {}))
     catalog = ray.get(config["catalog"])
     result = train_product(cfg, config["product"], catalog, config["run_id"], config["others"])

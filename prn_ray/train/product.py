@@ -17,14 +17,14 @@ import ray
 
 from prn_ray import registry, storage
 from prn_ray.config import Config
-from prn_ray.console import progress
+from prn_ray.console import detail, progress
 from prn_ray.data.product import ProductData
 from prn_ray.data.ray_data import reference_dataset, train_dataset, validation_dataset
 from prn_ray.data.stages import build_banks
 from prn_ray.engine.reference import build_feature_cache, compute_reference, describe
 from prn_ray.engine.state import load_checkpoint
 from prn_ray.model import Backbone, PRNHead
-from prn_ray.runtime import quiet_ray_data
+from prn_ray.runtime import quiet_ray_data, train_logging
 from prn_ray.train.worker import WorkerArgs, train_dataset_name, train_loop_per_worker
 
 
@@ -71,15 +71,18 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
     try:
         tc, size = cfg.train, cfg.data.image_size
         data = ProductData.from_catalog(catalog, product)
-        progress(product, f"{len(data.train_normals)} train normals, {len(data.seen)} seen "
-                          f"anomalies, {len(data.val)} validation images")
+        counts = (f"{len(data.train_normals)} train normals, {len(data.seen)} seen anomalies, "
+                  f"{len(data.val)} validation images")
+        detail(product, counts)
         banks = build_banks(data, others or {}, cfg, size)
+        t_ref = time.time()
+        # Batches of the feature actor's size: the pass's progress line moves as they come.
         reference, normals = compute_reference(
             data, cfg, size, lambda: reference_dataset(data, cfg, size).iter_batches(
-                batch_size=64, batch_format="numpy"))
+                batch_size=tc.feature_batch_size, batch_format="numpy"))
         if data.quarantine:
             progress(product, f"quarantined {len(data.quarantine)} unreadable image(s)")
-        progress(product, describe(reference))
+        progress(product, f"{counts}; {describe(reference)} ({time.time() - t_ref:.0f}s)")
         backbone = Backbone(cfg.model.backbone, cfg.model.weights, cfg.storage)
         features = build_feature_cache(normals, banks, backbone, cfg, size)
         del normals
@@ -111,12 +114,19 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 failure_config=FailureConfig(max_failures=tc.max_failures),
                 callbacks=callbacks,
+                logging_config=train_logging(),
             ),
             datasets={"val": validation_dataset(data, banks, cfg, size),
                       **{train_dataset_name(r): stream(r) for r in range(tc.num_workers)}},
             # Nothing is split: each worker reads its own stream, and with one worker no split
             # coordinator sits between the stream and the trainer.
-            dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+            # Explicit options: Train's defaults copy a deprecated field (exclude_resources) and
+            # warn about it in every run.
+            dataset_config=ray.train.DataConfig(
+                datasets_to_split=[],
+                execution_options=ray.data.ExecutionOptions(
+                    preserve_order=ray.data.DataContext.get_current()
+                    .execution_options.preserve_order)),
         )
         t_fit = time.time()
         fit = trainer.fit()

@@ -35,7 +35,7 @@ from prn_ray.contracts import dumps, new_id
 from prn_ray.data.catalog import training_inputs
 from prn_ray.data.product import Budget, ProductData
 from prn_ray.engine.validation import metric_key
-from prn_ray.runtime import quiet_ray_data
+from prn_ray.runtime import quiet_ray_data, quiet_worker_exit
 from prn_ray.studies import tune_root
 from prn_ray.train.fleet import max_concurrent_products
 from prn_ray.train.product import storage_filesystem, train_product
@@ -101,6 +101,7 @@ def _trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     quiet_ray_data()
+    quiet_worker_exit()
     overrides = decode(config["hp"])
     cfg = from_dict(config["cfg"]).replace(overrides)
     trial_id = tune.get_context().get_trial_id()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from prn_ray.config import Config
-from prn_ray.console import progress
+from prn_ray.console import detail, progress
 from prn_ray.data.feature_cache import merge_batches
 from prn_ray.data.product import ProductData
 from prn_ray.data.stages import shard_plan
@@ -25,6 +25,7 @@ from prn_ray.engine.state import write_progress
 from prn_ray.engine.trainer import HeadTrainer
 from prn_ray.engine.validation import ValidationSet
 from prn_ray.model import PRNHead
+from prn_ray.runtime import quiet_train_worker
 
 
 @dataclass
@@ -49,6 +50,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_train_worker()
     args: WorkerArgs = config["args"]
     cfg, tc, product = args.cfg, args.cfg.train, args.data.product
     ctx = ray.train.get_context()
@@ -58,10 +60,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     np.random.seed(tc.seed + rank)
     device = ray.train.torch.get_device()
     say = (lambda msg: progress(product, msg)) if rank == 0 else (lambda msg: None)
+    say_detail = (lambda msg: detail(product, msg)) if rank == 0 else (lambda msg: None)
 
     head = PRNHead(cfg.model, args.channels, args.image_size, args.feature_sizes)
     head.set_reference(ray.get(args.reference))
-    trainer = HeadTrainer(head, cfg, device, args.data.epoch_rows(cfg), world, say)
+    trainer = HeadTrainer(head, cfg, device, args.data.epoch_rows(cfg), world, say, say_detail)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -80,7 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainer.val = ValidationSet.from_batches(
         ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=64))
     cache = ray.get(args.features)
-    say(f"training: {trainer.epoch_rows} samples/epoch ({cache.nbytes / 2**20:.0f} MiB of "
+    say_detail(f"training: {trainer.epoch_rows} samples/epoch ({cache.nbytes / 2**20:.0f} MiB of "
         f"cached features), {trainer.steps_per_epoch} steps/epoch, budget "
         f"{trainer.total_steps} steps, {len(trainer.val)} validation images, "
         f"{device} {trainer.precision}")

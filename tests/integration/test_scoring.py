@@ -336,6 +336,7 @@ def test_killed_job_never_exposes_half_partitions_and_rerun_heals(world, first_r
     # (fabric) and while it waits before the next one.
     # A short lease: the dead job's lease must expire before the healing run may commit.
     proc, lines = _start_job(world, "--threshold", "0.123", "--set", "score.lease_s=10",
+                             "--log-level", "debug",
                              env_extra={sc_run.COMMIT_DELAY_ENV: "5"})
     _wait_for(lines, proc, "staged", timeout=300)
     _wait_for(lines, proc, "[fabric] committed", timeout=60)
