@@ -315,26 +315,24 @@ def list_dirs(uri: str, cfg: StorageConfig | None = None) -> list[str]:
 
 def delete_dir(uri: str, cfg: StorageConfig | None = None) -> None:
     loc = resolve(uri, cfg, sdk_retries=False)
-    if _info(uri, cfg).type == pafs.FileType.NotFound:
-        return
-
-    def once() -> None:
-        try:
-            loc.fs.delete_dir(loc.path)
-        except FileNotFoundError:
-            pass  # a retried delete whose first try went through
-    call(once, cfg)
+    if _info(uri, cfg).type != pafs.FileType.NotFound:
+        _delete_retried(loc.fs.delete_dir, loc.path, cfg)
 
 
 def delete_file(uri: str, cfg: StorageConfig | None = None) -> None:
     loc = resolve(uri, cfg, sdk_retries=False)
     if _info(uri, cfg).type == pafs.FileType.File:
-        def once() -> None:
-            try:
-                loc.fs.delete_file(loc.path)
-            except FileNotFoundError:
-                pass  # a retried delete whose first try went through
-        call(once, cfg)
+        _delete_retried(loc.fs.delete_file, loc.path, cfg)
+
+
+def _delete_retried(delete: Callable[[str], None], path: str,
+                    cfg: StorageConfig | None) -> None:
+    def once() -> None:
+        try:
+            delete(path)
+        except FileNotFoundError:
+            pass  # a retried delete whose first try went through
+    call(once, cfg)
 
 
 # ----------------------------------------------------------------------------- secrets

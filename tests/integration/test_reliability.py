@@ -148,8 +148,9 @@ def test_permanent_faults_fail_only_their_images(world, clean):
 def _job_args(world, output: str, *extra: str) -> list[str]:
     sets = [f"storage.models_uri={world['models']}", f"score.output_uri={output}",
             *FAST_RETRIES, *extra]
+    # debug: the per-partition "committed" lines the two-runs test times are detail lines
     return ["--config", str(TINY), "--input", world["input"], "--date", DATE,
-            *[a for s in sets for a in ("--set", s)]]
+            "--log-level", "debug", *[a for s in sets for a in ("--set", s)]]
 
 
 def _start_job(args: list[str], env_extra: dict[str, str]) -> tuple[subprocess.Popen, list]:
