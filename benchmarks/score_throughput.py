@@ -277,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
             assert s.rows == args.n and s.scored == args.n, scoring.format_summary(s)
             note = (f"includes listing, the actor's start and model load, Parquet staging and "
-                    f"commit; Ray start {startup:.1f}s not included; idle Ray {mib(idle_pss)} PSS; "
+                    f"commit (the Ray Data pipeline itself {s.pipeline_s:.1f}s); "
+                    f"Ray start {startup:.1f}s not included; idle Ray {mib(idle_pss)} PSS; "
                     f"{sampler.peak_procs} processes at peak; {args.actors} actor(s) x "
-                    f"{cfg.score.cpus_per_actor:g} CPU, decode tasks {args.task_cpus:g} CPU; "
+                    f"{cfg.score.cpus_per_actor:g} CPU decoding its own batches; "
                     f"with Ray's start {s.rows / (s.wall_s + startup):.2f} img/s")
             rows.append(("(a) scoring job (Ray Data + actor pool + Parquet commit)", s.rows,
                          s.wall_s, s.rows / s.wall_s, sampler.peak_pss, sampler.peak_rss,
