@@ -67,9 +67,10 @@ class MemorySampler:
     Sampling is not free: reading ``smaps_rollup`` walks each process's page tables, measured
     at ≈ 75 ms of CPU per sample of a 21-process local Ray. Every 0.25 s that was ≈ 30 % of a
     core taken from the job being measured on 2 cores (and at the driver's priority, above
-    Ray's workers at nice 15); so once a second, from a thread at the lowest priority."""
+    Ray's workers at nice 15); so every 2 s, from a thread at the lowest priority (a
+    steady-state pipeline's peak does not need a finer grid)."""
 
-    def __init__(self, root: int, exclude: set[int], interval: float = 1.0):
+    def __init__(self, root: int, exclude: set[int], interval: float = 2.0):
         self.root, self.exclude, self.interval = root, exclude, interval
         self.peak_pss = self.peak_rss = 0
         self.peak_procs = 0

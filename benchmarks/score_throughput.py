@@ -18,7 +18,7 @@ meaningless.
 (c) peak memory of the scoring job at --memory-points images and at N (the same Ray session).
 
 Memory: peak of the summed PSS (and RSS) of the process tree (driver + Ray's GCS, raylet and
-workers; the moto server excluded), sampled once a second from /proc. PSS splits shared pages
+workers; the moto server excluded), sampled every 2 s from /proc. PSS splits shared pages
 (object store, shared libraries) between processes, so it does not double count them; the RSS
 sum does. Model FLOPs per image are counted with torch.utils.flop_counter.FlopCounterMode
 (one multiply-add = 2 FLOPs) and GFLOP/s = FLOPs/image x images/s.

@@ -174,7 +174,11 @@ def frame_dataset(frame: pd.DataFrame, cfg: Config) -> ray.data.Dataset:
     1-CPU metadata task per block: inside a Train controller or a Tune trial on a busy small
     cluster that task may never find a free CPU, and the run hangs.)
     """
-    blocks = max(1, min(len(frame) // max(1, cfg.data.read_batch_size), 200))
+    # Blocks of at most a whole number of batches: a 17-row block under a 16-row consumer
+    # (the scoring actor) became a batch of 16 and a forward pass over one image.
+    batch = max(1, cfg.data.read_batch_size)
+    rows = batch * max(1, math.ceil(len(frame) / (200 * batch)))  # at most 200 blocks
+    blocks = max(1, math.ceil(len(frame) / rows))
     return ray.data.from_items(frame.to_dict("records"), override_num_blocks=blocks)
 
 
