@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -89,31 +90,41 @@ def cluster_has_gpu() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+RETRIED = "retried_requests"  # the RunTally kind of retried storage requests
+SCORED = "scored"  # the RunTally kind of rows scored, per product
+
+
 @ray.remote(num_cpus=0)
-class RetryTally:
-    """Retried storage requests of a run's Ray tasks, summed across worker processes (the
-    counter of :mod:`prn_ray.storage` is per process)."""
+class RunTally:
+    """What a run's Ray workers count, summed across their processes (the counter of
+    :mod:`prn_ray.storage` is per process): per kind (:data:`RETRIED`, :data:`SCORED`), a
+    count per key. One small actor per run serves every kind."""
 
     def __init__(self) -> None:
-        self.n = 0
+        self.counts: dict[str, Counter] = {}
 
-    def add(self, n: int) -> None:
-        self.n += int(n)
+    def add(self, kind: str, counts: dict[str, int]) -> None:
+        self.counts.setdefault(kind, Counter()).update(counts)
 
-    def total(self) -> int:
-        return self.n
+    def snapshot(self, kind: str) -> dict[str, int]:
+        return dict(self.counts.get(kind, {}))
 
 
 class TallyReporter:
-    """A picklable ``callback(n)`` that adds ``n`` retried requests to a :class:`RetryTally`,
+    """A picklable ``callback(n)`` that adds ``n`` retried requests to a :class:`RunTally`,
     for core classes that run in actors (the scorer) and must not import Ray."""
 
     def __init__(self, tally) -> None:
         self.tally = tally
 
     def __call__(self, n: int) -> None:
-        if n:
-            ray.get(self.tally.add.remote(n))  # waited for: counted before the dataset finishes
+        if n:  # waited for: counted before the dataset finishes
+            ray.get(self.tally.add.remote(RETRIED, {RETRIED: int(n)}))
+
+
+def retried_total(tally) -> int:
+    """The retried requests the workers reported to ``tally``."""
+    return int(ray.get(tally.snapshot.remote(RETRIED)).get(RETRIED, 0))
 
 
 def decode_tallied(batch: dict[str, np.ndarray], *, tally, **kwargs) -> dict[str, np.ndarray]:
@@ -128,7 +139,7 @@ def decode_tallied(batch: dict[str, np.ndarray], *, tally, **kwargs) -> dict[str
 def decode_stage(ds: ray.data.Dataset, cfg: Config, image_size: int,
                  tally=None) -> ray.data.Dataset:
     """Read bytes from storage and decode/resize; failures become rows with ``error`` set.
-    ``tally``: a :class:`RetryTally` that counts the retried requests of these reads."""
+    ``tally``: a :class:`RunTally` that counts the retried requests of these reads."""
     kwargs = {"storage_cfg": cfg.storage, "data_cfg": cfg.data, "image_size": image_size}
     if tally is not None:
         kwargs["tally"] = tally

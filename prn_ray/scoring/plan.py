@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -16,6 +15,7 @@ import ray
 from prn_ray.config import Config
 from prn_ray.console import Every, rate_line
 from prn_ray.data.ray_data import (
+    SCORED,
     TallyReporter,
     actor_pool_map,
     cluster_has_gpu,
@@ -26,36 +26,22 @@ from prn_ray.scoring.models import ResolvedModel
 from prn_ray.scoring.scorer import Scorer, after_decode, no_model_rows
 
 
-@ray.remote(num_cpus=0)
-class ScoredCounter:
-    """Rows scored so far, per product: the scorer actors add, the driver reads."""
-
-    def __init__(self) -> None:
-        self.done: Counter = Counter()
-
-    def add(self, counts: dict[str, int]) -> None:
-        self.done.update(counts)
-
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.done)
-
-
-def tell_counter(counter, counts: dict[str, int]) -> None:
-    counter.add.remote(counts)  # fire and forget: a batch never waits on the count
+def tell_scored(tally, counts: dict[str, int]) -> None:
+    tally.add.remote(SCORED, counts)  # fire and forget: a batch never waits on the count
 
 
 class ScoringProgress:
     """Progress lines while the plan runs inside ``write_parquet`` (which reports nothing until
-    it returns): the scorer actors count finished rows per product in a :class:`ScoredCounter`,
-    and a driver thread prints the counts every ``every_s`` seconds."""
+    it returns): the scorer actors count finished rows per product in the run's
+    :class:`~prn_ray.data.ray_data.RunTally`, and a driver thread prints the counts every
+    ``every_s`` seconds."""
 
-    def __init__(self, totals: dict[str, int], say: Callable[[str, str], None],
+    def __init__(self, tally, totals: dict[str, int], say: Callable[[str, str], None],
                  every_s: float = 10.0):
-        self.totals, self.say, self.every_s = totals, say, every_s
-        self.counter = ScoredCounter.remote() if totals else None
+        self.tally, self.totals, self.say, self.every_s = tally, totals, say, every_s
 
     def callback(self) -> Callable[[dict[str, int]], None] | None:
-        return partial(tell_counter, self.counter) if self.counter is not None else None
+        return partial(tell_scored, self.tally) if self.totals else None
 
     def line(self, done: dict[str, int], elapsed_s: float) -> str:
         total = sum(self.totals.values())
@@ -64,7 +50,7 @@ class ScoringProgress:
 
     @contextmanager
     def reporting(self) -> Iterator[None]:
-        if self.counter is None:  # nothing to score (every product lacks a model)
+        if not self.totals:  # nothing to score (every product lacks a model)
             yield
             return
         stop = threading.Event()
@@ -73,7 +59,7 @@ class ScoringProgress:
         def loop() -> None:
             said = 0
             while not stop.wait(self.every_s):
-                done = ray.get(self.counter.snapshot.remote())
+                done = ray.get(self.tally.snapshot.remote(SCORED))
                 if sum(done.values()) > said:  # nothing new (start-up): no line
                     said = sum(done.values())
                     self.say("score", self.line(done, clock.elapsed()))
@@ -85,7 +71,6 @@ class ScoringProgress:
         finally:
             stop.set()
             thread.join()
-            ray.kill(self.counter)
 
 
 def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedModel],
@@ -93,7 +78,7 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
                   on_scored: Callable[[dict[str, int]], None] | None = None):
     """The Ray Data plan: images decoded at each product's model size, an actor pool of
     scorers; rows of products without a model become error rows without being read. Output:
-    staging schema. ``tally``: a :class:`~prn_ray.data.ray_data.RetryTally` counting the
+    staging schema. ``tally``: a :class:`~prn_ray.data.ray_data.RunTally` counting the
     retried storage requests of the reads; ``on_scored`` is passed to every scorer actor
     (:class:`ScoringProgress`).
 
@@ -104,7 +89,8 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
     README "Throughput")."""
     sc = cfg.score
     gpus = ray.cluster_resources().get("GPU", 0) if cluster_has_gpu() else 0
-    scored = frame[frame["product"].map(lambda p: models[p].version is not None)]
+    has_model = frame["product"].map(lambda p: models[p].version is not None)
+    scored = frame[has_model]
     out = []
     if len(scored):
         if gpus:
@@ -137,7 +123,7 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
             num_cpus=sc.cpus_per_actor,
             num_gpus=min(1.0, gpus / max(1, sc.actors)) if gpus else 0,
         ))
-    missing = frame[frame["product"].map(lambda p: models[p].version is None)]
+    missing = frame[~has_model]
     if len(missing):
         out.append(frame_dataset(missing.reset_index(drop=True), cfg).map_batches(
             no_model_rows, fn_kwargs={"models": models, "pidx": pidx},

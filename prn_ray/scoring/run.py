@@ -104,9 +104,7 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
           say: Callable[[str, str], None] | None = None) -> RunSummary:
     """Score every image under ``input_uri`` for ``date`` (default today, UTC) and commit the
     date's partitions under ``cfg.score.output_uri``. Needs Ray (``runtime.init_ray``)."""
-    import ray
-
-    from prn_ray.data.ray_data import RetryTally
+    from prn_ray.data.ray_data import RunTally, retried_total
     from prn_ray.runtime import quiet_ray_data
     from prn_ray.scoring.plan import ScoringProgress, build_dataset
 
@@ -163,10 +161,10 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
     tally = None
     if len(frame):
         quiet_ray_data()
-        tally = RetryTally.remote()
+        tally = RunTally.remote()  # retried requests and rows scored, from every worker
         totals = {p: int(n) for p, n in frame["product"].value_counts().sort_index().items()
                   if models[p].version}  # products without a model are not scored
-        watch = ScoringProgress(totals, say)
+        watch = ScoringProgress(tally, totals, say)
         ds = build_dataset(cfg, frame, models, pidx, tally, watch.callback())
         loc = storage.resolve(staging, scfg)
         with watch.reporting():
@@ -218,7 +216,7 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
     storage.delete_dir(staging, scfg)
     clean_stale_staging(out_uri, scfg, date)
     summary.retried_requests = storage.retried_requests() - retried0 + (
-        int(ray.get(tally.total.remote())) if tally is not None else 0)
+        retried_total(tally) if tally is not None else 0)
     summary.wall_s = round(time.perf_counter() - t0, 3)
     summary.images_per_s = round(summary.rows / summary.wall_s, 2) if summary.wall_s else 0.0
     summary.summary_uri = storage.join(out_uri, "_runs", date, f"{run_id}.json")
