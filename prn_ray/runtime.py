@@ -50,8 +50,12 @@ def quiet_ray_env(local: bool) -> dict[str, str]:
     return env
 
 
-def init_ray(cfg: Config) -> None:
-    """Start or connect to Ray once per process, quiet unless ``--verbose``."""
+def init_ray(cfg: Config, dashboard: bool = True) -> None:
+    """Start or connect to Ray once per process, quiet unless ``--verbose``.
+
+    ``dashboard``: whether a local Ray started here serves the dashboard (Ray's State API).
+    Jobs without Ray Train or Tune (scoring, evaluation) do without it: ten fewer processes
+    (≈ 0.9 GiB of resident memory on 2 cores) and a faster start."""
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     loud = console.verbose()
     if not loud:
@@ -71,15 +75,17 @@ def init_ray(cfg: Config) -> None:
             # placement groups of trainers that Tune stopped; it listens on 127.0.0.1 only.
             # Ray's processes find it by auto-detection, which fails ("multiple active Ray
             # instances") when another local Ray runs on the machine: name it for them.
-            port = free_port()
-            host = "127.0.0.1" if cfg.ray.dashboard_host in ("0.0.0.0", "") else \
-                cfg.ray.dashboard_host
-            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{host}:{port}"
+            served = {}
+            if dashboard:
+                port = free_port()
+                host = "127.0.0.1" if cfg.ray.dashboard_host in ("0.0.0.0", "") else \
+                    cfg.ray.dashboard_host
+                os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{host}:{port}"
+                served = {"dashboard_host": cfg.ray.dashboard_host, "dashboard_port": port}
             ray.init(
                 num_cpus=cfg.ray.num_cpus,
-                dashboard_host=cfg.ray.dashboard_host,
-                dashboard_port=port,
-                include_dashboard=True,
+                include_dashboard=dashboard,
+                **served,
                 log_to_driver=True,  # the project's progress lines come from workers
                 logging_level=level,
             )

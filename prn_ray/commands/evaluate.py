@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from prn_ray.report import markdown_table
     from prn_ray.runtime import init_ray
 
-    init_ray(cfg)
+    init_ray(cfg, dashboard=False)  # no Train or Tune: no State API needed
     if args.scores:
         evaluations, out = evaluate_scores(cfg, args.scores, args.date, args.products, args.out,
                                            report=not args.no_report)

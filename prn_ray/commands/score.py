@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from prn_ray.scoring.lease import LeaseBusy
     from prn_ray.scoring.run import format_summary, score
 
-    init_ray(cfg)
+    init_ray(cfg, dashboard=False)  # no Train or Tune: no State API needed
     try:
         summary = score(cfg, args.input, date=date, products=args.products, run_id=args.run_id)
     except LeaseBusy as exc:

@@ -23,7 +23,13 @@ from prn_ray.data.ray_data import (
     frame_dataset,
 )
 from prn_ray.scoring.models import ResolvedModel
-from prn_ray.scoring.scorer import Scorer, after_decode, no_model_rows
+from prn_ray.scoring.scorer import (
+    Scorer,
+    after_decode,
+    concurrent_calls,
+    model_streams,
+    no_model_rows,
+)
 
 
 def tell_scored(tally, counts: dict[str, int]) -> None:
@@ -85,8 +91,8 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
     Where the decode runs depends on the cluster. With GPUs, CPU tasks decode while the
     GPU actors score. On a CPU-only cluster the scorer decodes its own batches: decode tasks
     beside it would take cores from its torch threads, which wait for each other at every
-    layer, so one descheduled thread stalls the whole forward pass (measured on 2 cores:
-    README "Throughput")."""
+    layer, so one descheduled thread stalls the whole forward pass (measured on 2 cores by
+    ``benchmarks/score_throughput.py``)."""
     sc = cfg.score
     gpus = ray.cluster_resources().get("GPU", 0) if cluster_has_gpu() else 0
     has_model = frame["product"].map(lambda p: models[p].version is not None)
@@ -105,19 +111,24 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
         else:
             rows_in = frame_dataset(scored[["product", "image_uri"]].reset_index(drop=True),
                                     cfg)
+        # ceil: on a GPU node the fractional rest of a core is left to decode tasks, which
+        # mostly wait on storage; floor would leave 1.5 reserved CPUs running one thread.
+        threads = max(1, math.ceil(sc.cpus_per_actor))
         out.append(actor_pool_map(
             rows_in, Scorer,
             fn_constructor_kwargs={
                 "models": models, "storage_cfg": cfg.storage, "pidx": pidx,
-                # ceil: on a GPU node the fractional rest of a core is left to decode tasks,
-                # which mostly wait on storage; floor would leave 1.5 reserved CPUs running one
-                # thread.
-                "threads": max(1, math.ceil(sc.cpus_per_actor)), "use_gpu": gpus > 0,
+                "threads": threads, "use_gpu": gpus > 0,
                 "data_cfg": None if gpus else cfg.data,
                 "on_retries": TallyReporter(tally) if tally is not None else None,
                 "on_scored": on_scored,
             },
-            compute=ray.data.ActorPoolStrategy(size=sc.actors),
+            # Several calls per actor: the next batch is read and decoded while others are in
+            # the model (the scorer bounds its forward passes itself).
+            compute=ray.data.ActorPoolStrategy(
+                size=sc.actors, enable_true_multi_threading=True,
+                max_concurrent_calls_per_actor=concurrent_calls(model_streams(threads,
+                                                                              gpus > 0))),
             batch_size=sc.batch_size,
             batch_format="numpy",
             num_cpus=sc.cpus_per_actor,

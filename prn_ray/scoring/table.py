@@ -7,7 +7,8 @@ Flow of :func:`prn_ray.scoring.run.score`::
       -> models resolved ONCE on the driver (product -> version)  (LATEST or pinned)
       -> decode at each product's model size                      in the Scorer (CPU-only),
                                                                   Ray tasks (GPU cluster)
-      -> Scorer actor pool (models cached per actor)              whole batch per forward
+      -> Scorer actor pool (models cached per actor)              whole batch per forward;
+                                                                  next batch read meanwhile
       -> staging Parquet (``<output>/_staging/<date>/<run_id>/``) Ray write_parquet
       -> verify row count -> commit each partition                driver: copy, _SUCCESS
       -> run summary (``<output>/_runs/<date>/<run_id>.json``)

@@ -477,18 +477,22 @@ def test_scorer_splits_mixed_batches_and_uses_the_resolved_version(world):
     assert out[0]["score"] == pytest.approx(single, abs=1e-4)
 
 
+def _every_warehouse_file(world):
+    """(storage config, config, resolved models, pidx, truth, every file's URI): the warehouse
+    with every kind of file, for the scorer called directly."""
+    cfg = score_config(world)
+    products = ["fabric", "wood_panel", "metal_plate"]
+    return (StorageConfig(models_uri=world["models"]), cfg,
+            sc_models.resolve_models(cfg, products), {p: i for i, p in enumerate(products)},
+            world["truth"], sorted(world["truth"]))
+
+
 def test_scorer_decoding_its_own_batches_matches_decoded_input(world):
     """The two placements of the decode (CPU tasks upstream, as on a GPU cluster; inside the
     scorer, as on a CPU-only one) give the same rows for the same files: scores, maps, sizes
     and the reasons of unreadable files."""
-    scfg = StorageConfig(models_uri=world["models"])
-    cfg = score_config(world)
-    products = ["fabric", "wood_panel", "metal_plate"]
-    models = sc_models.resolve_models(cfg, products)
-    pidx = {p: i for i, p in enumerate(products)}
-    truth = world["truth"]
     # every kind: good, defect, unreadable, no model; two products at two model sizes
-    uris = sorted(truth)
+    scfg, cfg, models, pidx, truth, uris = _every_warehouse_file(world)
     rows = {"product": np.array([truth[u]["product"] for u in uris], dtype=object),
             "image_uri": np.array(uris, dtype=object)}
     assert {"bad", "good", "defect"} <= {truth[u]["kind"] for u in uris}
@@ -521,6 +525,39 @@ def test_scorer_decoding_its_own_batches_matches_decoded_input(world):
             assert ra["score"] == pytest.approx(rb["score"], abs=1e-6)
     expected_bad = sum(1 for u in uris if truth[u]["reason"])
     assert bad == expected_bad
+
+
+def test_scorer_concurrent_calls_match_one_at_a_time(world):
+    """The actor takes several calls at once (the next batch is read while others are in the
+    model, two batches in the model on a CPU): the same rows as the same batches one at a time,
+    each model built once although several calls want it first, and every retried request
+    told exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scfg, cfg, models, pidx, truth, uris = _every_warehouse_file(world)
+    batches = [{"product": np.array([truth[u]["product"] for u in part], dtype=object),
+                "image_uri": np.array(part, dtype=object)}
+               for part in (uris[i:i + 3] for i in range(0, len(uris), 3))]
+    assert len(batches) >= 4
+
+    serial = sc_scorer.Scorer(models, scfg, pidx, threads=2, data_cfg=cfg.data)
+    one_at_a_time = [serial(dict(b)).to_pylist() for b in batches]
+    told: list[int] = []
+    retried0 = storage.retried_requests()
+    concurrent = sc_scorer.Scorer(models, scfg, pidx, threads=2, data_cfg=cfg.data,
+                                  on_retries=told.append)
+    with ThreadPoolExecutor(sc_scorer.concurrent_calls(2)) as pool:
+        at_once = list(pool.map(lambda b: concurrent(dict(b)).to_pylist(), batches))
+    assert sum(told) == storage.retried_requests() - retried0 and len(told) == len(batches)
+    with_model = {truth[u]["product"] for u in uris} & {p for p, m in models.items()
+                                                         if m.version}
+    assert concurrent.loads == serial.loads == len(with_model) >= 2
+    assert len(at_once) == len(one_at_a_time)
+    for rows_a, rows_b in zip(at_once, one_at_a_time):
+        assert len(rows_a) == len(rows_b)
+        for ra, rb in zip(rows_a, rows_b):
+            same = {k: ra[k] for k in ra if k != "scored_at"}
+            assert same == {k: rb[k] for k in rb if k != "scored_at"}, ra["image_uri"]
 
 
 def test_model_version_pins(world):
