@@ -130,15 +130,12 @@ def process_name(pid: int) -> str:
         return ""
 
 
-def short_name(pid: int, root: int, extra: dict[str, int]) -> str:
+def short_name(cmdline: str) -> str:
     """A process's name for a table: Ray's process title, a program's or script's file name."""
-    named = {p: k for k, p in extra.items()} | {root: "driver"}
-    if pid in named:
-        return named[pid]
-    words = process_name(pid).split(" ")
+    words = cmdline.split(" ")
     if "python" in words[0].rsplit("/", 1)[-1] and len(words) > 1:
         words = [w for w in words[1:] if not w.startswith("-")] or words
-    return words[0].rsplit("/", 1)[-1] or str(pid)
+    return words[0].rsplit("/", 1)[-1]
 
 
 class CpuSplit:
@@ -148,21 +145,22 @@ class CpuSplit:
 
     def __init__(self, root: int, extra: dict[str, int]):
         self.root, self.extra = root, extra
+        self.named = {p: name for name, p in extra.items()} | {root: "driver"}
         self.groups: dict[str, float] = {}
+        self.processes: dict[str, float] = {}
         self.wall_s = 0.0
 
-    def group(self, pid: int) -> str:
-        for name, p in self.extra.items():
-            if pid == p:
-                return name
-        if pid == self.root:
-            return "driver"
-        name = process_name(pid)
-        if "Scorer" in name:
+    def group(self, pid: int, cmdline: str) -> str:
+        if pid in self.named:
+            return self.named[pid]
+        if "Scorer" in cmdline:
             return "scorer actor"
-        if name.startswith("ray::") and "Agent" not in name:
+        if cmdline.startswith("ray::") and "Agent" not in cmdline:
             return "other Ray workers"
         return "Ray's own processes"
+
+    def pids(self) -> list[int]:
+        return _tree(self.root, set()) + list(self.extra.values())
 
     @staticmethod
     def machine() -> list[int]:
@@ -173,7 +171,7 @@ class CpuSplit:
     def __enter__(self) -> CpuSplit:
         self._machine = self.machine()
         self._t = time.perf_counter()
-        self._before = cpu_seconds(_tree(self.root, set()) + list(self.extra.values()))
+        self._before = cpu_seconds(self.pids())
         return self
 
     def __exit__(self, *exc) -> None:
@@ -182,13 +180,12 @@ class CpuSplit:
         delta = [(b - a) / tick for a, b in zip(self._machine, self.machine())]
         self.idle_s, self.steal_s = delta[3] + delta[4], delta[7]
         self.busy_s = sum(delta) - self.idle_s - self.steal_s
-        after = cpu_seconds(_tree(self.root, set()) + list(self.extra.values()))
-        self.processes: dict[str, float] = {}
-        for pid, cpu in after.items():
-            g = self.group(pid)
+        for pid, cpu in cpu_seconds(self.pids()).items():
+            cmdline = process_name(pid)
             used = cpu - self._before.get(pid, 0.0)
+            g = self.group(pid, cmdline)
             self.groups[g] = self.groups.get(g, 0.0) + used
-            name = short_name(pid, self.root, self.extra)
+            name = self.named.get(pid) or short_name(cmdline) or str(pid)
             self.processes[name] = self.processes.get(name, 0.0) + used
 
     def busiest(self, n: int = 8) -> str:
