@@ -32,7 +32,7 @@ from prn_ray.config import load_config
 from prn_ray.console import progress
 from prn_ray.data.catalog import build_catalog
 from prn_ray.data.product import ProductData
-from prn_ray.data.ray_data import reference_dataset
+from prn_ray.data.ray_training_data import reference_dataset
 from prn_ray.engine.reference import compute_reference
 from prn_ray.evaluation import evaluate_models
 from prn_ray.runtime import init_ray

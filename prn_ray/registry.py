@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING, Any
 
 from prn_ray import storage
 from prn_ray.config import Config, StorageConfig, from_dict
 from prn_ray.contracts import cpu_tensors, dumps, id_time, new_id
 from prn_ray.errors import RegistryError  # noqa: F401 - raised here, caught by the CLIs
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written: resolving a model
+    import torch  # (the scoring driver's part) stays free of it
 
 REQUIRED_FILES = ("model.safetensors", "backbone.safetensors", "config.json", "calibration.json",
                   "metrics.json")
@@ -83,6 +82,8 @@ def publish(
     Existing versions are never overwritten: publishing to a version that already holds files
     raises :class:`RegistryError`.
     """
+    from safetensors.torch import save as st_save
+
     if "threshold" not in calibration:
         raise RegistryError("calibration must contain a 'threshold'")
     scfg = cfg.storage
@@ -207,6 +208,8 @@ def list_models(storage_cfg: StorageConfig, products: list[str] | None = None
 
 def load(storage_cfg: StorageConfig, product: str, version: str | None = None) -> ModelVersion:
     """Read a version (default: ``LATEST``). Raises :class:`RegistryError` with the reason."""
+    from safetensors.torch import load as st_load
+
     version = version or latest_version(storage_cfg, product)
     if version is None:
         raise RegistryError(f"no model registered for product {product!r} under "

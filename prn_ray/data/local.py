@@ -1,6 +1,7 @@
 """The data stages run in this process, without Ray: decode -> synthesis -> features, batch by
 batch. Used by single-process training (:func:`prn_ray.engine.local.train_local`), the
-benchmarks' bare loops and tests; production streams through :mod:`prn_ray.data.ray_data`.
+benchmarks' bare loops and tests; production streams through
+:mod:`prn_ray.data.ray_training_data`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def streamed_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config, si
                      backbone: Backbone, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """The streamed (synthetic) rows of a plan as the training stream delivers them: numpy
     ``epoch, pos, error, mask, feat0..3``, failed rows kept with ``error`` set (the in-process
-    twin of :func:`prn_ray.data.ray_data.train_dataset`)."""
+    twin of :func:`prn_ray.data.ray_training_data.train_dataset`)."""
     synth = banks.synthesizer(cfg, size)
     dtype = np.float16 if cfg.model.feature_dtype == "float16" else np.float32
     for i in range(0, len(frame), batch_size):
@@ -67,7 +68,7 @@ def streamed_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config, si
 def reference_batches(normals: list[str], cfg: Config, size: int, backbone: Backbone,
                       batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """The normal images' features with ``image_uri`` and ``error`` kept (the in-process twin of
-    :func:`prn_ray.data.ray_data.reference_dataset`)."""
+    :func:`prn_ray.data.ray_training_data.reference_dataset`)."""
     dtype = np.float16 if cfg.model.feature_dtype == "float16" else np.float32
     for i in range(0, len(normals), batch_size):
         batch = {"image_uri": np.array(normals[i:i + batch_size], dtype=object),

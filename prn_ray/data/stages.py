@@ -1,8 +1,8 @@
 """The data stages as plain batch functions (no Ray): what each row of a stream is, the small
 image banks synthesis draws from, and the backbone applied to a batch.
 
-The same functions run inside Ray Data (:mod:`prn_ray.data.ray_data`) and in one process
-(:mod:`prn_ray.data.local`):
+The same functions run inside Ray Data (:mod:`prn_ray.data.ray_training_data`) and in one
+process (:mod:`prn_ray.data.local`):
 
 * **prototypes / reference**: train normals -> decode -> backbone features;
 * **validation**: held-out normals + held-out real anomalies + fixed synthetic anomalies
