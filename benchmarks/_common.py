@@ -141,14 +141,25 @@ def short_name(cmdline: str) -> str:
 class CpuSplit:
     """Where the cores went during a block: CPU seconds per group of processes of a tree (the
     processes alive at its end; a worker that exited inside the block is not counted). Reads
-    /proc/<pid>/stat twice (not smaps: no page-table walk), so it costs nothing measurable."""
+    /proc/<pid>/stat twice (not smaps: no page-table walk), so it costs nothing measurable;
+    the processes' titles every ``every_s`` (an actor that is exiting at the end, as a
+    dataset's actors do, has lost its command line by then)."""
 
-    def __init__(self, root: int, extra: dict[str, int]):
-        self.root, self.extra = root, extra
+    def __init__(self, root: int, extra: dict[str, int], every_s: float = 2.0):
+        self.root, self.extra, self.every_s = root, extra, every_s
         self.named = {p: name for name, p in extra.items()} | {root: "driver"}
         self.groups: dict[str, float] = {}
         self.processes: dict[str, float] = {}
         self.wall_s = 0.0
+        self.titles: dict[int, str] = {}  # the last non-empty command line seen per process
+        self._stop = threading.Event()
+
+    def _watch_titles(self) -> None:
+        while True:
+            for pid in self.pids():
+                self.titles[pid] = process_name(pid) or self.titles.get(pid, "")
+            if self._stop.wait(self.every_s):
+                return
 
     def group(self, pid: int, cmdline: str) -> str:
         if pid in self.named:
@@ -172,16 +183,20 @@ class CpuSplit:
         self._machine = self.machine()
         self._t = time.perf_counter()
         self._before = cpu_seconds(self.pids())
+        self._watcher = threading.Thread(target=self._watch_titles, daemon=True)
+        self._watcher.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.wall_s = time.perf_counter() - self._t
+        self._stop.set()
+        self._watcher.join()
         tick = os.sysconf("SC_CLK_TCK")
         delta = [(b - a) / tick for a, b in zip(self._machine, self.machine())]
         self.idle_s, self.steal_s = delta[3] + delta[4], delta[7]
         self.busy_s = sum(delta) - self.idle_s - self.steal_s
         for pid, cpu in cpu_seconds(self.pids()).items():
-            cmdline = process_name(pid)
+            cmdline = process_name(pid) or self.titles.get(pid, "")
             used = cpu - self._before.get(pid, 0.0)
             g = self.group(pid, cmdline)
             self.groups[g] = self.groups.get(g, 0.0) + used
