@@ -46,6 +46,18 @@ def imports(path: Path, top_level_only: bool = False) -> list[tuple[str, list[st
     return out
 
 
+def loaded_after(imported: list[str], probes: list[str]) -> list[bool]:
+    """Whether each of ``probes`` is in ``sys.modules`` of a fresh interpreter that imported
+    ``imported``."""
+    code = ("import importlib, sys\n"
+            f"for m in {imported!r}:\n    importlib.import_module(m)\n"
+            f"print([p in sys.modules for p in {probes!r}])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])
+
+
 def test_core_modules_never_import_ray():
     core = {name: path for name, path in modules().items() if name not in ADAPTERS}
     assert "prn_ray.model.prn" in core and "prn_ray.engine.trainer" in core
@@ -55,13 +67,7 @@ def test_core_modules_never_import_ray():
     assert not offenders, offenders
     # ... nor through what they import: a fresh interpreter importing every core module
     # has no Ray loaded.
-    code = ("import importlib, sys\n"
-            f"for m in {sorted(core)!r}:\n    importlib.import_module(m)\n"
-            "print('ray' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert loaded_after(sorted(core), ["ray"]) == [False]
 
 
 def test_scoring_driver_does_not_import_torch():
@@ -70,14 +76,8 @@ def test_scoring_driver_does_not_import_torch():
     driver = ["prn_ray.commands.score", "prn_ray.runtime", "prn_ray.scoring.run",
               "prn_ray.scoring.plan", "prn_ray.scoring.models", "prn_ray.scoring.lease",
               "prn_ray.data.ray_data", "prn_ray.registry"]
-    code = ("import importlib, sys\n"
-            f"for m in {driver!r}:\n    importlib.import_module(m)\n"
-            "print('torch' in sys.modules, 'prn_ray.scoring.scorer' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
     # the scorer's module is imported (the plan names its class), torch is not
-    assert out.stdout.strip().splitlines()[-1] == "False True"
+    assert loaded_after(driver, ["torch", "prn_ray.scoring.scorer"]) == [False, True]
 
 
 def test_no_private_name_is_imported_across_modules():
