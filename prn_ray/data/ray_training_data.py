@@ -21,12 +21,7 @@ from prn_ray import images
 from prn_ray.config import Config
 from prn_ray.data.feature_cache import streamed_rows
 from prn_ray.data.product import Budget, ProductData
-from prn_ray.data.ray_data import (
-    actor_pool_map,
-    cluster_has_gpu,
-    decode_stage,
-    frame_dataset,
-)
+from prn_ray.data.ray_data import actor_pool_map, cluster_has_gpu, decode_stage, frame_dataset
 from prn_ray.data.stages import FeatureExtractor, SynthesisBanks, shard_plan, validation_frame
 from prn_ray.engine.state import resume_epoch
 
@@ -69,7 +64,6 @@ def with_idle_backoff(ds: ray.data.Dataset) -> ray.data.Dataset:
     if IdleBackoff not in callbacks:
         callbacks.append(IdleBackoff)
     return ds
-
 
 
 def feature_stage(ds: ray.data.Dataset, cfg: Config, image_size: int,

@@ -19,11 +19,7 @@ from prn_ray import registry, storage
 from prn_ray.config import Config
 from prn_ray.console import detail, progress
 from prn_ray.data.product import ProductData
-from prn_ray.data.ray_training_data import (
-    reference_dataset,
-    train_dataset,
-    validation_dataset,
-)
+from prn_ray.data.ray_training_data import reference_dataset, train_dataset, validation_dataset
 from prn_ray.data.stages import build_banks
 from prn_ray.engine.reference import build_feature_cache, compute_reference, describe
 from prn_ray.engine.state import load_checkpoint
