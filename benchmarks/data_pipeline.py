@@ -5,8 +5,9 @@
 Both paths stream the same N training rows (a quarter of them simulated and a quarter
 extended/seen anomalies, as one training epoch) from a moto S3 server on loopback:
 
-(a) the Ray Data pipeline of ``prn_ray.data.ray_training_data.train_dataset`` (decode + synthesis as
-    stateless tasks, EfficientNet-Lite0 features in an actor pool), consumed by the driver;
+(a) the Ray Data pipeline of ``prn_ray.data.ray_training_data.train_dataset`` (decode +
+    synthesis as stateless tasks, EfficientNet-Lite0 features in an actor pool), consumed by
+    the driver;
 (b) a bare single-process loop (``prn_ray.data.local.feature_batches``): read bytes ->
     decode -> synthesis -> backbone, same code, same batch size, torch on all cores.
 
