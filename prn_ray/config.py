@@ -153,6 +153,13 @@ class TrainConfig:
     max_concurrent_products: int | None = None  # None = as many as the cluster fits
     calibration: Literal["f1", "fpr"] = "f1"
     calibration_target_fpr: float = 0.01
+    # Where the frozen backbone turns the streamed (synthetic) rows into features:
+    # "trainer" -- in the training worker, between its steps, on the step's own threads and
+    # device; "actors" -- in a Ray Data actor pool running beside the step. On a CPU node whose
+    # cores the step already uses, an actor beside it makes three busy threads share two
+    # cores, and the step's threads, which wait for each other at every parallel region, slow
+    # to the slower one: taking turns is faster there. Actors pay off with cores to spare.
+    features_in: Literal["trainer", "actors"] = "trainer"
     feature_actors: int = 1  # backbone actor pool size per product pipeline
     feature_batch_size: int = 16
     feature_actor_cpus: float = 0.5

@@ -174,7 +174,7 @@ RULES: dict[str, Rule] = {
     "train.num_workers": at_least(1), "train.cpus_per_worker": above(0), "train.use_gpu": TYPED,
     "train.max_failures": at_least(0), "train.max_concurrent_products": at_least(1),
     "train.calibration": TYPED, "train.calibration_target_fpr": open_fraction,
-    "train.feature_actors": at_least(1), "train.feature_batch_size": at_least(1),
+    "train.features_in": TYPED, "train.feature_actors": at_least(1), "train.feature_batch_size": at_least(1),
     "train.feature_actor_cpus": above(0), "train.feature_actor_gpus": between(0, 1),
     "train.driver_cpus": at_least(0), "train.torch_threads": at_least(1),
     "train.prototype_cache": TYPED,

@@ -55,13 +55,15 @@ def split_counts(catalog: pd.DataFrame) -> str:
 
 def resources(cfg: Config, n_products: int) -> list[str]:
     tc, g = cfg.train, cfg.train.use_gpu
+    stream = " and the training stream" if tc.features_in == "actors" else ""
     cpus, where = planned_cpus(cfg)
     at_once = (f"{products_at_once(cfg, n_products, cpus)} product(s) at a time on {where}"
                if cpus is not None else f"as many products as fit on {where}")
     return [
         (f"resources per product: driver {tc.driver_cpus} CPU; trainer {tc.num_workers} "
         f"worker(s) x {tc.cpus_per_worker} CPU (GPU: {g}); feature actors {tc.feature_actors} "
-        f"x {tc.feature_actor_cpus} CPU (+{tc.feature_actor_gpus} GPU where there are GPUs); "
+        f"x {tc.feature_actor_cpus} CPU (+{tc.feature_actor_gpus} GPU where there are GPUs) "
+        f"for the normal reference{stream}; "
         f"decode/synthesis tasks {cfg.data.task_cpus} CPU each"),
         f"  = about {product_cpus(cfg):.2f} CPU per product: {at_once}",
     ]

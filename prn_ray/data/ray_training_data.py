@@ -1,11 +1,12 @@
 """Ray Data wiring of a training run's data stages (:mod:`prn_ray.data.stages`): streaming
 datasets from object storage to a training worker or a k-means pass.
 
-Decode and synthesis are stateless tasks; the frozen backbone runs in an actor pool
-(``ActorPoolStrategy``, one model load per actor, GPU when the cluster has one), so training
-workers only run the PRN head. Resources are fractional and explicit (``data.task_cpus``,
-``train.feature_actor_cpus``): on a small machine, trainer workers, Tune trial drivers and data
-actors must all fit at once or the run deadlocks.
+Decode and synthesis are stateless tasks. The frozen backbone runs where
+``train.features_in`` says: in the training worker between its steps (the streams then carry
+images, see :func:`streamed_features`), or in an actor pool beside it (``ActorPoolStrategy``,
+one model load per actor, GPU when the cluster has one). Resources are fractional and explicit
+(``data.task_cpus``, ``train.feature_actor_cpus``): on a small machine, trainer workers, Tune
+trial drivers and data actors must all fit at once or the run deadlocks.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ class IdleBackoff:
     returned at once. When every operator is back-pressured (the consumer is the slow part, as
     a training step is) no task is in flight and the loop does not block on ``ray.wait``: it
     spins, measured at ≈ 45 % of a core on a 2-core node, holding the GIL that the training
-    thread in the same process needs between its torch calls. A 20 ms pause delays dispatch
-    by at most that, against batches that take seconds."""
+    thread in the same process needs between its torch calls. A 100 ms pause delays dispatch
+    by at most that, against batches that take seconds (with 20 ms the loop still took
+    ≈ 6.5 % of a core beside a training step, with 100 ms ≈ 1.8 %)."""
 
     SPIN_S = 0.002
-    PAUSE_S = 0.02
+    PAUSE_S = 0.1
 
     def __init__(self) -> None:
         self.last = time.perf_counter()
@@ -92,6 +94,20 @@ def feature_stage(ds: ray.data.Dataset, cfg: Config, image_size: int,
     )
 
 
+def streamed_features(ds: ray.data.Dataset, cfg: Config, image_size: int,
+                      keep: tuple[str, ...]) -> ray.data.Dataset:
+    """A training worker's stream: features from the actor pool, or (``features_in:
+    trainer``) the rows with their images, which the worker turns into features itself with
+    the same :class:`FeatureExtractor` and ``keep``."""
+    if cfg.train.features_in == "actors":
+        return feature_stage(ds, cfg, image_size, keep=keep)
+    return ds
+
+
+TRAIN_COLUMNS = ("mask", "epoch", "pos", "error")  # a streamed row's columns besides features
+VALIDATION_COLUMNS = ("mask", "group")
+
+
 def reference_dataset(data: ProductData, cfg: Config, image_size: int) -> ray.data.Dataset:
     """Train normals -> features; keeps ``image_uri`` and ``error`` so bad files are reported."""
     frame = pd.DataFrame({"image_uri": data.train_normals, "mask_uri": ""})
@@ -133,8 +149,7 @@ def train_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config, image_s
     ds = decode_stage(ds, cfg, image_size)
     ds = ds.map_batches(banks.synthesizer(cfg, image_size), batch_size=cfg.data.read_batch_size,
                         batch_format="numpy", num_cpus=cfg.data.task_cpus)
-    return with_idle_backoff(
-        feature_stage(ds, cfg, image_size, keep=("mask", "epoch", "pos", "error")))
+    return with_idle_backoff(streamed_features(ds, cfg, image_size, TRAIN_COLUMNS))
 
 
 def validation_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config,
@@ -146,4 +161,4 @@ def validation_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config,
     ds = ds.map_batches(banks.validation_synthesizer(cfg, image_size),
                         batch_size=cfg.data.read_batch_size,
                         batch_format="numpy", num_cpus=cfg.data.task_cpus)
-    return feature_stage(ds, cfg, image_size, keep=("mask", "group"))
+    return streamed_features(ds, cfg, image_size, VALIDATION_COLUMNS)

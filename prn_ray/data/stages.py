@@ -199,8 +199,8 @@ class FeatureExtractor:
         from prn_ray.model import Backbone
 
         self.device = inference_device()
-        self.backbone = prepare(Backbone(model_cfg.backbone, model_cfg.weights, storage_cfg),
-                                self.device, threads)
+        backbone = Backbone(model_cfg.backbone, model_cfg.weights, storage_cfg).folded()
+        self.backbone = prepare(backbone, self.device, threads)
         self.dtype = np.float16 if model_cfg.feature_dtype == "float16" else np.float32
         self.image_size = image_size
         self.keep = keep

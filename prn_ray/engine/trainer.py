@@ -82,6 +82,7 @@ class HeadTrainer:
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.val: ValidationSet | None = None
         self._mark = 0.0
+        self._step_s = 0.0  # this epoch's time inside steps (train_s less the data waits)
         self.say_every_s = 120.0
 
     def say(self, message: str) -> None:
@@ -173,7 +174,7 @@ class HeadTrainer:
         if self.val is None:
             return
         record: dict[str, Any] = {"epoch": -1, "step": 0, "lr": 0.0, "loss": math.nan,
-                                  "elapsed_s": 0.0, "train_s": 0.0}
+                                  "elapsed_s": 0.0, "train_s": 0.0, "step_s": 0.0}
         t0 = time.time()
         self._validate_and_select(-1, record)
         record["val_s"] = round(time.time() - t0, 3)
@@ -215,7 +216,8 @@ class HeadTrainer:
         record: dict[str, Any] = {"epoch": epoch, "step": state.step,
                                   "lr": self.optimizer.param_groups[0]["lr"], "loss": mean_loss,
                                   "elapsed_s": round(state.elapsed_s, 1),
-                                  "train_s": round(train_s, 3)}
+                                  "train_s": round(train_s, 3), "step_s": round(self._step_s, 3)}
+        self._step_s = 0.0
         stop = last or over_time
         if due:
             self._validate_and_select(epoch, record)
@@ -266,7 +268,9 @@ class HeadTrainer:
                                                "skipped_batches": skipped})
                 epoch = max(epoch, data_epoch)
                 self.state.first_batch_at = self.state.first_batch_at or time.time()
+            t_step = time.perf_counter()
             loss_sum += self.step([batch[c] for c in FEATURE_COLUMNS], batch["mask"])
+            self._step_s += time.perf_counter() - t_step
             n, in_epoch = n + 1, in_epoch + 1
             if time.time() - self.last_said >= self.say_every_s:  # long epochs: show life
                 self.say(f"epoch {epoch + 1} step {in_epoch}/{self.steps_per_epoch} "

@@ -3,13 +3,14 @@ the synthetic rows, reporting checkpoints.
 
 Everything the worker needs travels in one typed :class:`WorkerArgs`; the loop itself is
 :class:`prn_ray.engine.trainer.HeadTrainer`, its batches :func:`prn_ray.data.feature_cache
-.merge_batches` of the plan this worker walks.
+.merge_batches` of the plan this worker walks. With ``train.features_in: trainer`` the streams
+carry images and the worker runs the frozen backbone on them between its steps.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,11 @@ import torch
 
 from prn_ray.config import Config
 from prn_ray.console import detail, progress
+from prn_ray.contracts import FEATURE_COLUMNS
 from prn_ray.data.feature_cache import merge_batches
 from prn_ray.data.product import ProductData
-from prn_ray.data.stages import shard_plan
+from prn_ray.data.ray_training_data import TRAIN_COLUMNS, VALIDATION_COLUMNS
+from prn_ray.data.stages import FeatureExtractor, shard_plan
 from prn_ray.engine.state import write_progress
 from prn_ray.engine.trainer import HeadTrainer
 from prn_ray.engine.validation import ValidationSet
@@ -55,7 +58,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg, tc, product = args.cfg, args.cfg.train, args.data.product
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(tc.torch_threads or max(1, round(tc.cpus_per_worker)))
+    threads = tc.torch_threads or max(1, round(tc.cpus_per_worker))
+    torch.set_num_threads(threads)
     torch.manual_seed(tc.seed + rank)
     np.random.seed(tc.seed + rank)
     device = ray.train.torch.get_device()
@@ -80,13 +84,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if world > 1:
         torch.distributed.barrier()  # no rank reads its stream before the point is recorded
         trainer.model = ray.train.torch.prepare_model(trainer.head)
+    # The backbone on the step's threads, between steps (train.features_in: trainer).
+    extract = (FeatureExtractor(cfg.model, cfg.storage, args.image_size, threads)
+               if tc.features_in == "trainer" else None)
+    val = ray.train.get_dataset_shard("val").iter_batches(batch_size=64, batch_format="numpy")
     trainer.val = ValidationSet.from_batches(
-        ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=64))
+        as_tensors(b) for b in with_features(val, extract, VALIDATION_COLUMNS))
     cache = ray.get(args.features)
     say_detail(f"training: {trainer.epoch_rows} samples/epoch ({cache.nbytes / 2**20:.0f} MiB of "
         f"cached features), {trainer.steps_per_epoch} steps/epoch, budget "
         f"{trainer.total_steps} steps, {len(trainer.val)} validation images, "
-        f"{device} {trainer.precision}")
+        f"{device} {trainer.precision}, streamed rows' features in the "
+        f"{'worker' if extract is not None else 'actor pool'}")
 
     def report(metrics_row: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -98,9 +107,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     plans = (shard_plan(args.data, cfg, epoch, rank, world)
              for epoch in range(start, trainer.budget.planned_epochs))
-    stream = ray.train.get_dataset_shard(train_dataset_name(rank)).iter_batches(
-        batch_size=tc.feature_batch_size, batch_format="numpy", prefetch_batches=2)
+    stream = with_features(ray.train.get_dataset_shard(train_dataset_name(rank)).iter_batches(
+        batch_size=tc.feature_batch_size, batch_format="numpy", prefetch_batches=2),
+        extract, TRAIN_COLUMNS)
     trainer.fit(on_device(merge_batches(plans, cache, stream, tc.batch_size), device), report)
+
+
+def with_features(batches: Iterable[dict[str, np.ndarray]], extract: FeatureExtractor | None,
+                  keep: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
+    """``keep`` and the features of each batch: computed here by ``extract``, or (``None``)
+    already computed by the stream's actor pool."""
+    for batch in batches:
+        out = extract(batch) if extract is not None else batch
+        yield {k: out[k] for k in (*keep, *FEATURE_COLUMNS)}
+
+
+def as_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    # Ray hands read-only views of the object store: copy only those (torch warns otherwise).
+    return {k: torch.from_numpy(np.require(v, requirements=("C", "W"))) for k, v in batch.items()}
 
 
 def on_device(batches: Iterator[dict[str, torch.Tensor]], device: torch.device

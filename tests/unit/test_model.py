@@ -317,3 +317,42 @@ def test_forward_is_device_agnostic():
     assert out.anomaly_map.shape == (2, 1, 64, 64)
     loss = PRNLoss()(out.logits, torch.zeros(2, 1, 64, 64, device="meta"))
     assert loss.total.device.type == "meta"
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
+def test_folded_backbone_gives_the_same_features_without_batchnorm(name):
+    """Random-init weights (model.weights=none) with non-trivial BatchNorm statistics, so a
+    wrong fold cannot agree by accident."""
+    from prn_ray.model import Backbone
+
+    backbone = Backbone(name, "none")
+    gen = torch.Generator().manual_seed(1)
+    for m in backbone.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    folded = backbone.folded()
+    assert folded is not backbone
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())  # original untouched
+    x = torch.rand(3, 3, 96, 96, generator=gen)
+    with torch.no_grad():
+        for a, b in zip(backbone(x), folded(x)):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+def test_a_fold_that_changes_features_is_not_used(monkeypatch):
+    import prn_ray.model.backbone as backbone_module
+
+    real = backbone_module.fold_batchnorm
+
+    def wrong(module):  # folds, then scales one convolution twice
+        n = real(module)
+        next(m for m in module.modules() if isinstance(m, nn.Conv2d)).weight.mul_(2)
+        return n
+
+    monkeypatch.setattr(backbone_module, "fold_batchnorm", wrong)
+    backbone = backbone_module.Backbone("resnet18", "none")
+    assert backbone.folded() is backbone

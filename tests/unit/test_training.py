@@ -180,6 +180,10 @@ def test_time_budget_stops_training_annealed(plate):
     # validation (always run at the stop), not at the end of the 1000-epoch budget
     assert trainer.optimizer.param_groups[0]["lr"] < 0.05 * cfg.train.lr  # annealed by time
     assert "val_pixel_ap" in state.history[-1]  # the stopping epoch is validated
+    # Time inside steps is part of each epoch's training time, and most of it in-process.
+    for h in state.history[1:]:
+        assert 0 < h["step_s"] <= h["train_s"], h
+    assert sum(h["step_s"] for h in state.history) > 0.5 * sum(h["train_s"] for h in state.history)
 
 
 def test_resume_skips_replayed_epochs_and_does_not_retrain_a_finished_run(tmp_path):
