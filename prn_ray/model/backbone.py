@@ -328,7 +328,7 @@ def fold_batchnorm(module: nn.Module) -> int:
                     and m.num_features == last_conv.out_channels):
                 pairs.append((last_conv, name, m))
             last_conv = None
-        elif not any(True for _ in m.children()):
+        elif next(m.children(), None) is None:  # a leaf
             last_conv = m if isinstance(m, nn.Conv2d) else None
     for conv, name, bn in pairs:
         scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
