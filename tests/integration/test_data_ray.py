@@ -15,7 +15,7 @@ from prn_ray.data.product import ProductData
 from prn_ray.data.ray_training_data import TRAIN_COLUMNS, train_dataset
 from prn_ray.data.stages import FeatureExtractor, build_banks
 from prn_ray.demo_data import make_dataset
-from prn_ray.images import decode_batch
+from prn_ray.images import decode_batch, error_free
 from prn_ray.train.worker import with_features
 
 pytestmark = pytest.mark.timeout(300)
@@ -54,6 +54,8 @@ def test_features_in_the_trainer_equal_the_actor_pools(ray_local, tmp_path):
 
     make_dataset(f"{tmp_path}/data", products=("fabric",), n_train=10, n_good_test=1,
                  n_defect_test=6, image_size=64)
+    corrupt = sorted((tmp_path / "data" / "fabric" / "train" / "good").iterdir())[0]
+    corrupt.write_bytes(b"not an image")  # its synthetic rows must arrive as error rows
     rows = {}
     for mode in ("actors", "trainer"):
         cfg = load_config(TINY, [f"data.root={tmp_path}/data", f"storage.runs_uri={tmp_path}/runs",
@@ -71,6 +73,10 @@ def test_features_in_the_trainer_equal_the_actor_pools(ray_local, tmp_path):
                                                                           TRAIN_COLUMNS)
                       for i, (e, p) in enumerate(zip(b["epoch"], b["pos"]))}
     assert rows["actors"].keys() == rows["trainer"].keys() and len(rows["actors"]) > 8
+    errors = {m: {k for k, (b, i) in r.items() if not error_free(b["error"][i:i + 1])[0]}
+              for m, r in rows.items()}
+    assert 0 < len(errors["actors"]) < len(rows["actors"]), errors
+    assert errors["actors"] == errors["trainer"]
     for key, (a, i) in rows["actors"].items():
         t, j = rows["trainer"][key]
         assert np.array_equal(a["mask"][i], t["mask"][j]), key
