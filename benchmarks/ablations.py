@@ -31,7 +31,7 @@ from prn_ray import storage
 from prn_ray.config import load_config
 from prn_ray.console import progress
 from prn_ray.data.catalog import build_catalog
-from prn_ray.data.product import ProductData
+from prn_ray.data.product import ProductData, product_geometry
 from prn_ray.data.ray_training_data import reference_dataset
 from prn_ray.engine.reference import compute_reference
 from prn_ray.evaluation import evaluate_models
@@ -97,8 +97,8 @@ def main() -> None:
     # together (each would miss the cache at the same moment and fit its own).
     if any(v != "no_mp" for v in variants):
         data = ProductData.from_catalog(build_catalog(cfg).df, names[0])
-        size = cfg.data.image_size
-        compute_reference(data, cfg, size, lambda: reference_dataset(data, cfg, size)
+        cfg_p, geometry = product_geometry(cfg, data.train_normals)
+        compute_reference(data, cfg_p, geometry, lambda: reference_dataset(data, cfg_p, geometry)
                           .iter_batches(batch_size=64, batch_format="numpy"))
     results = train_all(cfg, names, run_id=run_id, overrides=overrides)
     progress("ablations", f"trained {len(names)} variants in {time.time() - t0:.0f}s")

@@ -71,6 +71,7 @@ def main() -> int:
     from prn_ray.data.product import ProductData
     from prn_ray.data.ray_training_data import train_dataset
     from prn_ray.data.stages import build_banks, plan_frame
+    from prn_ray.geometry import Geometry
     from prn_ray.model import Backbone
     from prn_ray.runtime import quiet_ray_data
 
@@ -94,17 +95,18 @@ def main() -> int:
               f"tasks {args.task_cpus} CPU", flush=True)
         print(f"{'path':<10} {'N rows':>7} {'seconds':>8} {'img/s':>7} {'peak PSS':>10} "
               f"{'peak RSS':>10}")
+        geometry = Geometry((args.size, args.size))
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         quiet_ray_data()
         results = {}
         for n in sizes:
             data = ProductData("bench", uris[:n], seen, pd.DataFrame(
                 columns=["image_uri", "mask_uri", "label"]))
-            banks = build_banks(data, {}, cfg, args.size)
+            banks = build_banks(data, {}, cfg, geometry)
             with MemorySampler(os.getpid(), {moto.pid}) as mem:
                 t0 = time.perf_counter()
                 rows, first = 0, None
-                for b in train_dataset(data, banks, cfg, args.size).iter_batches(
+                for b in train_dataset(data, banks, cfg, geometry).iter_batches(
                         batch_size=args.batch, batch_format="numpy"):
                     rows += len(b["mask"])
                     if first is None:  # actor start-up and model load end here
@@ -123,12 +125,12 @@ def main() -> int:
             for n in sizes[:1]:
                 data = ProductData("bench", uris[:n], seen, pd.DataFrame(
                     columns=["image_uri", "mask_uri", "label"]))
-                banks = build_banks(data, {}, cfg, args.size)
+                banks = build_banks(data, {}, cfg, geometry)
                 frame = plan_frame(data, cfg, range(1))
                 with MemorySampler(os.getpid(), {moto.pid}) as mem:
                     t0 = time.perf_counter()
                     rows = sum(len(b["mask"]) for b in feature_batches(
-                        frame, banks, cfg, args.size, backbone, args.batch))
+                        frame, banks, cfg, geometry, backbone, args.batch))
                     dt = time.perf_counter() - t0
                 results[("bare", n)] = rows / dt
                 print(f"{'bare loop':<10} {rows:>7} {dt:>8.1f} {rows / dt:>7.1f} "

@@ -48,7 +48,7 @@ def main() -> int:
     from prn_ray.contracts import FEATURE_COLUMNS
     from prn_ray.data.catalog import build_catalog
     from prn_ray.data.local import feature_batches, reference_batches
-    from prn_ray.data.product import ProductData
+    from prn_ray.data.product import ProductData, product_geometry
     from prn_ray.data.stages import build_banks, plan_frame
     from prn_ray.demo_data import make_dataset
     from prn_ray.engine.reference import compute_reference
@@ -98,14 +98,16 @@ def main() -> int:
     torch.set_num_threads(threads)
     catalog = build_catalog(cfg).df
     data = ProductData.from_catalog(catalog[catalog["split"] != "test"], args.product)
-    banks = build_banks(data, {}, cfg, size)
+    cfg, geometry = product_geometry(cfg, data.train_normals)
+    banks = build_banks(data, {}, cfg, geometry)
     backbone = Backbone(cfg.model.backbone, cfg.model.weights, cfg.storage)
-    reference, _ = compute_reference(data, cfg, size, lambda: reference_batches(
-        data.train_normals, cfg, size, backbone, tc.batch_size))
+    reference, _ = compute_reference(data, cfg, geometry, lambda: reference_batches(
+        data.train_normals, cfg, geometry, backbone, tc.batch_size))
     plan = plan_frame(data, cfg, range(1)).head(tc.batch_size * 4)
-    batches = list(feature_batches(plan, banks, cfg, size, backbone, tc.batch_size,
+    batches = list(feature_batches(plan, banks, cfg, geometry, backbone, tc.batch_size,
                                    extra=("epoch",), drop_last=True))
-    head = PRNHead(cfg.model, backbone.channels, size, backbone.feature_sizes((size, size)))
+    head = PRNHead(cfg.model, backbone.channels, geometry.size,
+                   backbone.feature_sizes(geometry.size))
     head.set_reference(reference)
     if head.memory is not None:
         head.memory.mark(calibrated=True)  # calibration changes values, not the step's cost

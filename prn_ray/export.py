@@ -8,8 +8,11 @@ of this package at run time. Input (``input_dtype``):
 * ``uint8``: N x S x S x 3 RGB, 0..255 (NHWC: what image decoders return), the default;
 * ``float32``: N x 3 x S x S RGB in [0, 1] (NCHW: what PyTorch pipelines hold).
 
-S is the model's input size; the batch size is free. Outputs: ``anomaly_map`` N x 1 x S x S
-float32 probabilities and ``score`` N float32; the decision is ``score > threshold``.
+S is the model's input size (h x w; one tile of a tiled model); the batch size is free.
+Outputs: ``anomaly_map`` N x 1 x S x S float32 probabilities and ``score`` N float32; the
+decision is ``score > threshold``. A tiled model's graph scores tiles: ``export.json``'s
+``geometry`` says how an image is cut and its tile maps stitched, and :func:`predict_image` is
+that loop around an exported graph (numpy + OpenCV + the graph's runtime).
 Formats: TorchScript (``torch.jit.trace``; load with ``torch.jit.load``) and ONNX
 (opset :data:`ONNX_OPSET`, TorchScript-based exporter; needs the ``onnx`` package, run with
 onnxruntime). Written next to the model: ``export.json`` (:func:`export_manifest`) with the
@@ -30,6 +33,9 @@ from torch import Tensor, nn
 from prn_ray import storage
 from prn_ray.config import StorageConfig
 from prn_ray.contracts import dumps, id_time
+from prn_ray.geometry import Geometry
+from prn_ray.inference import ScoreRule, in_batches, stitch_items
+from prn_ray.model.prn import area_kernel
 from prn_ray.registry import ModelVersion
 from prn_ray.runner import pixels_to_input
 
@@ -59,12 +65,13 @@ class ImageModel(nn.Module):
         return out.anomaly_map, out.score
 
 
-def example_batch(size: int, input_dtype: str, n: int, seed: int = 0) -> Tensor:
+def example_batch(size: tuple[int, int], input_dtype: str, n: int, seed: int = 0) -> Tensor:
     """Random images in the export's input layout (tracing input and self-check)."""
     g = torch.Generator().manual_seed(seed)
+    h, w = size
     if input_dtype == "uint8":
-        return torch.randint(0, 256, (n, size, size, 3), generator=g, dtype=torch.uint8)
-    return torch.rand(n, 3, size, size, generator=g)
+        return torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8)
+    return torch.rand(n, 3, h, w, generator=g)
 
 
 def export_graph(module: ImageModel, example: Tensor, fmt: str) -> bytes:
@@ -113,16 +120,17 @@ def max_differences(module: ImageModel, data: bytes, fmt: str, images: Tensor
 
 def export_manifest(mv: ModelVersion, module: ImageModel, fmt: str) -> dict[str, Any]:
     """``export.json``: what the graph expects and returns, the threshold and the provenance."""
-    s = mv.image_size
+    h, w = mv.image_size
+    g = mv.geometry
     backbone = module.prn.backbone
     mean = [round(float(v), 6) for v in backbone.mean.flatten()]
     std = [round(float(v), 6) for v in backbone.std.flatten()]
     if module.input_dtype == "uint8":
-        inp = {"dtype": "uint8", "layout": "NHWC", "shape": ["batch", s, s, 3],
+        inp = {"dtype": "uint8", "layout": "NHWC", "shape": ["batch", h, w, 3],
                "value_range": [0, 255]}
         in_graph = "x / 255, NHWC -> NCHW, then (x - mean) / std per channel"
     else:
-        inp = {"dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, s, s],
+        inp = {"dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, h, w],
                "value_range": [0.0, 1.0]}
         in_graph = "(x - mean) / std per channel"
     model_cfg = mv.config.model
@@ -137,18 +145,24 @@ def export_manifest(mv: ModelVersion, module: ImageModel, fmt: str) -> dict[str,
         "model_created_at": created.isoformat() if created else None,
         "input": {"name": INPUT_NAME, "channel_order": "RGB", **inp},
         "preprocessing": {
-            "size": [s, s],
+            "size": [h, w],
             "decode": "8-bit RGB; grey to 3 channels, alpha dropped, 16-bit / 257 "
                       "(prn_ray.images.decode_image)",
-            "resize": "the whole image (no crop) to size: cv2.INTER_AREA on a shrinking axis, "
-                      "cv2.INTER_LINEAR on an enlarging one (prn_ray.images.resize_image)",
+            "resize": RESIZE_TEXT,
             "in_graph": in_graph, "mean": mean, "std": std,
         },
+        "geometry": {**g.to_doc(), "how": TILES_TEXT if g.tiled else (
+            "one view per image: " + ("stretched to size" if g.fit == "stretch" else
+                                      "fitted into size, aspect kept, reflect-padded at the "
+                                      "bottom/right; the map is cropped to the fitted part"))},
         "outputs": {
-            "anomaly_map": {"shape": ["batch", 1, s, s], "dtype": "float32",
+            "anomaly_map": {"shape": ["batch", 1, h, w], "dtype": "float32",
                             "meaning": "anomaly probability per pixel at the model's size"},
             "score": {"shape": ["batch"], "dtype": "float32", "rule": model_cfg.score,
-                      "topk": model_cfg.score_topk},
+                      "topk": model_cfg.score_topk,
+                      "meaning": ("the score of one tile: the image's score is the rule "
+                                  "applied to the stitched map") if g.tiled else
+                                 "the image's score"},
         },
         "threshold": mv.threshold,
         "decision": "is_anomaly = score > threshold",
@@ -158,6 +172,42 @@ def export_manifest(mv: ModelVersion, module: ImageModel, fmt: str) -> dict[str,
         "torch": torch.__version__,
         **({"opset": ONNX_OPSET} if fmt == "onnx" else {}),
     }
+
+
+RESIZE_TEXT = ("cv2.INTER_AREA on a shrinking axis, cv2.INTER_LINEAR on an enlarging one "
+               "(prn_ray.geometry.resize_to)")
+TILES_TEXT = (
+    "resize the image by scale (working size = round(h * scale) x round(w * scale)), pad it "
+    "at the bottom/right to at least one tile by reflection (cv2.BORDER_REFLECT_101), cut "
+    "tiles of size at the origins of prn_ray.geometry.Geometry.boxes (per side: the fewest "
+    "tiles overlapping by >= overlap px, spread evenly, the last flush with the border), run "
+    "the graph on the tiles, blend their maps with weights falling linearly over overlap px "
+    "towards each tile edge (prn_ray.geometry.Geometry.stitch), crop to the working size "
+    "and score that map with outputs.score.rule; prn_ray.export.predict_image is this loop")
+
+
+def predict_image(data: bytes, fmt: str, manifest: dict[str, Any], image: np.ndarray,
+                  batch_size: int = 16) -> tuple[np.ndarray, float]:
+    """(anomaly map at the image's working size, score) of one decoded RGB image through an
+    exported graph, cut and stitched as ``manifest["geometry"]`` says: the loop a deployment
+    without this package re-implements (a test holds it equal to the scoring job)."""
+    g = Geometry.from_doc(manifest["geometry"])
+    out = manifest["outputs"]["score"]
+    h, w = image.shape[:2]
+    rule = ScoreRule(out["rule"], int(out["topk"]), area_kernel(g.size))
+    uint8 = manifest["input"]["dtype"] == "uint8"
+
+    def run(views: np.ndarray) -> tuple[np.ndarray, float]:
+        x = torch.from_numpy(views) if uint8 else torch.from_numpy(
+            views.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+        amap, _ = run_exported(data, fmt, x)
+        return amap[:, 0], 0.0
+
+    views = g.views(image)
+    probs, _ = in_batches(run, views, batch_size)
+    m = stitch_items(probs, np.zeros(len(views), np.int64), np.arange(len(views)),
+                     np.full(len(views), h), np.full(len(views), w), g, rule)[0]
+    return m.amap, m.score
 
 
 def export_model(mv: ModelVersion, fmt: str, out_uri: str, *, input_dtype: str = "uint8",

@@ -22,6 +22,7 @@ Decoding policy (``decode_image``), all outputs H x W x 3 uint8 **RGB**:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from prn_ray import storage
 from prn_ray.config import DataConfig, StorageConfig
+from prn_ray.geometry import VIEW_ALL, VIEW_RANDOM, Geometry, as_size, resize_to, view_seed
 from prn_ray.image_headers import (
     REASONS,
     ImageError,
@@ -38,9 +40,10 @@ from prn_ray.image_headers import (
     sniff_format,
 )
 
-__all__ = ["REASONS", "ImageError", "decode_batch", "decode_image", "decode_mask", "encode_png",
-           "error_free", "header_size", "image_size_from_header", "is_truncated",
-           "keep_error_free", "read_head", "resize_image", "resize_mask", "sniff_format"]
+__all__ = ["REASONS", "ImageError", "as_geometry", "decode_batch", "decode_image", "decode_mask",
+           "encode_png", "error_free", "header_size", "image_size_from_header", "is_truncated",
+           "keep_error_free", "load_pair", "resize_image", "resize_mask", "row_error",
+           "sniff_format"]
 
 def _check_size(w: int, h: int, max_pixels: int, min_side: int, what: str = "image") -> None:
     if w <= 0 or h <= 0:
@@ -156,29 +159,15 @@ def decode_mask(
 # ----------------------------------------------------------------------------- resize / encode
 
 
-def resize_image(img: np.ndarray, size: int) -> np.ndarray:
-    """Whole image -> size x size (no crop). INTER_AREA on a shrinking axis, INTER_LINEAR on an
-    enlarging one (an image shrunk on one axis and enlarged on the other is resized in two
-    passes, each axis with its own interpolation)."""
-    h, w = img.shape[:2]
-    if (h, w) == (size, size):
-        return np.ascontiguousarray(img)
-    shrink_w, shrink_h = size < w, size < h
-    if shrink_w == shrink_h:
-        interp = cv2.INTER_AREA if shrink_w else cv2.INTER_LINEAR
-        return cv2.resize(img, (size, size), interpolation=interp)
-    if shrink_w:
-        tmp = cv2.resize(img, (size, h), interpolation=cv2.INTER_AREA)
-        return cv2.resize(tmp, (size, size), interpolation=cv2.INTER_LINEAR)
-    tmp = cv2.resize(img, (w, size), interpolation=cv2.INTER_AREA)
-    return cv2.resize(tmp, (size, size), interpolation=cv2.INTER_LINEAR)
+def resize_image(img: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """Whole image -> ``size`` (N or (h, w); no crop): INTER_AREA on a shrinking axis,
+    INTER_LINEAR on an enlarging one (:func:`prn_ray.geometry.resize_to`)."""
+    return resize_to(img, as_size(size))
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Binary mask -> size x size by nearest neighbour (values stay in {0, 1})."""
-    if mask.shape[:2] == (size, size):
-        return np.ascontiguousarray(mask)
-    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
+def resize_mask(mask: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """Binary mask -> ``size`` by nearest neighbour (values stay in {0, 1})."""
+    return resize_to(mask, as_size(size), nearest=True)
 
 
 def encode_png(array: np.ndarray, compression: int = 3) -> bytes:
@@ -203,14 +192,9 @@ def encode_png(array: np.ndarray, compression: int = 3) -> bytes:
 # ----------------------------------------------------------------------------- storage helpers
 
 
-def read_head(uri: str, cfg: StorageConfig | None = None, nbytes: int = 65536) -> bytes:
-    """The first ``nbytes`` of an object (a ranged read on S3): enough for most image headers."""
-    return storage.read_head(uri, cfg, nbytes)
-
-
 def header_size(uri: str, cfg: StorageConfig | None = None) -> tuple[int, int] | None:
     """(width, height) of a stored image from its header, reading as little as possible."""
-    head = read_head(uri, cfg)
+    head = storage.read_head(uri, cfg, 65536)
     try:
         return image_size_from_header(head)
     except ImageError as exc:
@@ -242,35 +226,69 @@ def _empty(value: Any) -> bool:
     return str(value).strip() == ""
 
 
+def as_geometry(geometry: Geometry | int | Sequence[int]) -> Geometry:
+    """A :class:`~prn_ray.geometry.Geometry`; a size (N or (h, w)) means the whole image
+    stretched to it."""
+    return geometry if isinstance(geometry, Geometry) else Geometry(as_size(geometry))
+
+
+def _which(view: int, seed: Any, n: int) -> list[int]:
+    if view == VIEW_ALL:
+        return list(range(n))
+    if view == VIEW_RANDOM:
+        return [view_seed(int(seed), n)]
+    return [int(view) % n]
+
+
+def load_pair(image_uri: Any, mask_uri: Any, mask_mode: str, storage_cfg: StorageConfig | None,
+              data_cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """(image H x W x 3 RGB, mask H x W {0, 1} or None) at the image's own size, or
+    :class:`ImageError`. ``mask_mode``: ``required`` (an anomaly: a mask must exist),
+    ``optional`` (read when named) or ``skip``."""
+    if _empty(image_uri):
+        raise ImageError("unreadable", "row has no image_uri")
+    data = _read(str(image_uri), storage_cfg, "unreadable")
+    img = decode_image(data, data_cfg.max_image_pixels, data_cfg.min_image_side)
+    if mask_mode == "required" and _empty(mask_uri):
+        raise ImageError("mask_missing", "anomalous image has no mask_uri")
+    if mask_mode == "skip" or _empty(mask_uri):
+        return img, None
+    mdata = _read(str(mask_uri), storage_cfg, "mask_unreadable")
+    return img, decode_mask(mdata, img.shape[:2], data_cfg.mask_threshold)
+
+
+def row_error(exc: Exception) -> str:
+    """A row's ``error`` text for a failure (credentials redacted)."""
+    if isinstance(exc, ImageError):
+        return storage.redact(str(exc))
+    return storage.redact(f"unreadable: {type(exc).__name__}: {exc}")
+
+
 def _decode_row(
     image_uri: Any,
     mask_uri: Any,
     mask_mode: str,  # "required" | "optional" | "skip"
+    view: int,
+    seed: Any,
     storage_cfg: StorageConfig | None,
     data_cfg: DataConfig,
-    size: int,
-) -> tuple[np.ndarray, np.ndarray, int, int, str | None]:
-    mask_out = np.zeros((size, size), np.uint8)
+    geometry: Geometry,
+) -> tuple[np.ndarray, np.ndarray, list[int], int, int, str | None]:
+    """(views n x h x w x 3, mask views n x h x w, view indices, height, width, error)."""
+    th, tw = geometry.size
     oh = ow = 0
     try:
-        if _empty(image_uri):
-            raise ImageError("unreadable", "row has no image_uri")
-        data = _read(str(image_uri), storage_cfg, "unreadable")
-        img = decode_image(data, data_cfg.max_image_pixels, data_cfg.min_image_side)
+        img, mask = load_pair(image_uri, mask_uri, mask_mode, storage_cfg, data_cfg)
         oh, ow = img.shape[:2]
-        img_out = resize_image(img, size)
-        if mask_mode == "required" and _empty(mask_uri):
-            raise ImageError("mask_missing", "anomalous image has no mask_uri")
-        if mask_mode != "skip" and not _empty(mask_uri):
-            mdata = _read(str(mask_uri), storage_cfg, "mask_unreadable")
-            mask = decode_mask(mdata, (oh, ow), data_cfg.mask_threshold)
-            mask_out = resize_mask(mask, size)
-        return img_out, mask_out, oh, ow, None
-    except ImageError as exc:
-        msg = storage.redact(str(exc))
+        which = _which(view, seed, geometry.n_views(oh, ow))
+        views = geometry.views(img, which)
+        masks = (np.zeros((len(which), th, tw), np.uint8) if mask is None
+                 else geometry.views(mask, which, nearest=True))
+        return views, masks, which, oh, ow, None
     except Exception as exc:  # noqa: BLE001 - never crash a batch on one row
-        msg = storage.redact(f"unreadable: {type(exc).__name__}: {exc}")
-    return np.zeros((size, size, 3), np.uint8), np.zeros((size, size), np.uint8), oh, ow, msg
+        msg = row_error(exc)
+    return (np.zeros((1, th, tw, 3), np.uint8), np.zeros((1, th, tw), np.uint8), [0], oh, ow,
+            msg)
 
 
 def decode_batch(
@@ -278,16 +296,23 @@ def decode_batch(
     *,
     storage_cfg: StorageConfig | None = None,
     data_cfg: DataConfig | None = None,
-    image_size: int | None = None,
+    geometry: Geometry | int | Sequence[int] | None = None,
     max_threads: int = 8,
 ) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` UDF (``batch_format="numpy"``).
 
     Reads each row's ``image_uri`` (and ``mask_uri`` when that column exists) through
-    :mod:`prn_ray.storage`, decodes and resizes the whole image to ``image_size``. Adds columns
-    ``image`` (B x S x S x 3 uint8), ``mask`` (B x S x S uint8 {0,1}), ``orig_height``,
-    ``orig_width`` (int32) and ``error`` (None, or ``"<reason>: <message>"``), keeping every
-    input column and every row: failed rows get zero pixels and their error.
+    :mod:`prn_ray.storage`, decodes it and cuts it into model inputs by ``geometry`` (a
+    :class:`~prn_ray.geometry.Geometry`, or a size: the whole image stretched to it; default
+    ``data_cfg.image_size``). Each row becomes the views its ``view`` column asks for
+    (``VIEW_ALL``: every view of its image, in grid order; ``VIEW_RANDOM``: one grid view drawn
+    from the row's ``seed``; ``k >= 0``: grid view k); without a ``view`` column, all of them.
+    An untiled geometry has one view per image, so rows map one to one.
+
+    Adds columns ``image`` (B' x h x w x 3 uint8), ``mask`` (B' x h x w uint8 {0,1}),
+    ``view`` (int64, the grid index), ``orig_height``, ``orig_width`` (int32) and ``error``
+    (None, or ``"<reason>: <message>"``); every input column is repeated for each view of its
+    row. A failed row stays one row, with zero pixels, view 0 and its error.
 
     Masks: without a ``mask_uri`` column (scoring) masks are zeros. With it and a ``label``
     column, a row labelled ``anomaly`` must have a readable mask (empty -> ``mask_missing``) and a
@@ -296,7 +321,8 @@ def decode_batch(
     object-store latency overlaps.
     """
     data_cfg = data_cfg or DataConfig()
-    size = int(image_size or data_cfg.image_size)
+    geom = as_geometry(geometry if geometry is not None else data_cfg.image_size)
+    th, tw = geom.size
     if "image_uri" not in batch:
         raise ValueError(f"decode_batch needs an image_uri column; got {sorted(batch)}")
     uris = batch["image_uri"]
@@ -309,9 +335,14 @@ def decode_batch(
         modes = ["required" if str(v) == "anomaly" else "skip" for v in batch["label"]]
     else:
         modes = ["optional"] * n
+    views = batch["view"] if "view" in batch else np.full(n, VIEW_ALL, np.int64)
+    seeds = batch["seed"] if "seed" in batch else np.zeros(n, np.int64)
+    if "seed" not in batch and (np.asarray(views) == VIEW_RANDOM).any():
+        raise ValueError("rows that draw a random view (view = -1) need a seed column")
 
     def work(i: int):
-        return _decode_row(uris[i], masks[i], modes[i], storage_cfg, data_cfg, size)
+        return _decode_row(uris[i], masks[i], modes[i], int(views[i]), seeds[i], storage_cfg,
+                           data_cfg, geom)
 
     if n > 1 and max_threads > 1:
         with ThreadPoolExecutor(max_workers=min(max_threads, n)) as pool:
@@ -319,14 +350,16 @@ def decode_batch(
     else:
         results = [work(i) for i in range(n)]
 
-    out = dict(batch)
-    out["image"] = (
-        np.stack([r[0] for r in results]) if n else np.zeros((0, size, size, 3), np.uint8)
-    )
-    out["mask"] = np.stack([r[1] for r in results]) if n else np.zeros((0, size, size), np.uint8)
-    out["orig_height"] = np.array([r[2] for r in results], dtype=np.int32)
-    out["orig_width"] = np.array([r[3] for r in results], dtype=np.int32)
-    out["error"] = np.array([r[4] for r in results], dtype=object)
+    src = np.array([i for i, r in enumerate(results) for _ in r[2]], dtype=np.int64)
+    out = {k: np.asarray(v)[src] if len(src) else np.asarray(v)[:0] for k, v in batch.items()}
+    out["image"] = (np.concatenate([r[0] for r in results]) if n
+                    else np.zeros((0, th, tw, 3), np.uint8))
+    out["mask"] = (np.concatenate([r[1] for r in results]) if n
+                   else np.zeros((0, th, tw), np.uint8))
+    out["view"] = np.array([v for r in results for v in r[2]], dtype=np.int64)
+    out["orig_height"] = np.array([r[3] for r in results for _ in r[2]], dtype=np.int32)
+    out["orig_width"] = np.array([r[4] for r in results for _ in r[2]], dtype=np.int32)
+    out["error"] = np.array([r[5] for r in results for _ in r[2]], dtype=object)
     return out
 
 

@@ -76,13 +76,32 @@ def budget(cfg: Config) -> str:
             f"({cfg.model.weights}), image size {cfg.data.image_size}")
 
 
+def inputs(cfg: Config, catalog: pd.DataFrame, products: list[str]) -> list[str]:
+    """How each product's images become the model's inputs (``data.tiles: auto`` decided
+    here from a few headers, as the training run will decide it)."""
+    from prn_ray.data.product import image_sizes, product_geometry
+
+    lines = ["input per product (data.image_size, data.resize, data.tiles):"]
+    for product in products:
+        rows = catalog[(catalog["product"] == product) & (catalog["split"] == "train")
+                       & (catalog["label"] == "normal")]
+        normals = sorted(rows["image_uri"].tolist())
+        try:
+            _, g = product_geometry(cfg, normals)
+            sample = image_sizes(normals[:1], cfg)
+            lines.append(f"  {product}: " + g.describe(*(sample[0] if sample else ())))
+        except Exception as exc:  # noqa: BLE001 - the plan says so; training will fail alike
+            lines.append(f"  {product}: cannot choose ({storage.redact(str(exc))})")
+    return lines
+
+
 def train_plan(cfg: Config, catalog: pd.DataFrame, products: list[str], run_id: str | None,
                tuned: dict[str, dict[str, Any]] | None = None) -> str:
     runs = storage.join(cfg.storage.runs_uri, run_id or "train-<new id>")
     lines = [f"dry run: train {len(products)} product(s): {', '.join(products)}",
              split_counts(catalog[catalog["product"].isin(products)]),
              "(test images are never read by training)", budget(cfg),
-             *resources(cfg, len(products))]
+             *inputs(cfg, catalog, products), *resources(cfg, len(products))]
     for product, hp in sorted((tuned or {}).items()):
         lines.append(f"tuned overrides for {product}: {hp}")
     lines += [(f"models -> {storage.redact(cfg.storage.models_uri)}/<product>/<version> "
@@ -104,7 +123,8 @@ def tune_plan(cfg: Config, catalog: pd.DataFrame, products: list[str], samples: 
              + f", ASHA grace {tc.grace_period} reduction {tc.reduction_factor}, "
                f"at most {tc.max_concurrent_trials or 'a fair share of'} concurrent trial(s) "
                "per product",
-             "search space:", *space, budget(cfg), "each trial trains one product:",
+             "search space:", *space, budget(cfg), *inputs(cfg, catalog, products),
+             "each trial trains one product:",
              *resources(cfg, len(products) * samples),
              (f"results -> {storage.redact(tune_root(cfg, study_id or 'study-<new id>'))}"
              "/<product>/best.json"),

@@ -4,8 +4,9 @@ For each file under the input: its score and decision (``score > threshold``, th
 job's rule), a 16-bit anomaly map PNG at the image's own resolution (the scores contract's
 encoding, :func:`prn_ray.scoring.table.map_to_png`) and a heat-map overlay PNG
 (:func:`prn_ray.heatmap.overlay`); then ``predictions.csv`` with one row per file. Decoding is
-the scoring job's (:func:`prn_ray.images.decode_batch`), the model is run the scoring actors'
-way (:class:`prn_ray.runner.RegisteredModels`), so the scores equal the nightly job's. A file
+the scoring job's (:func:`prn_ray.images.decode_batch`, tiles cut by the model's geometry), the
+model is run and its maps stitched the scoring actors' way (:mod:`prn_ray.inference`), so the
+scores equal the nightly job's. A file
 that cannot be read or decoded -- a broken image, a text file -- becomes a row with the reason
 (``"<reason>: <message>"``) and the run goes on.
 
@@ -30,6 +31,7 @@ import numpy as np
 from prn_ray import images, registry, storage
 from prn_ray.config import Config
 from prn_ray.heatmap import overlay
+from prn_ray.inference import ScoreRule, in_batches, stitch_items
 from prn_ray.scoring.table import map_to_png
 
 CSV_NAME = "predictions.csv"
@@ -100,33 +102,35 @@ def predict(cfg: Config, product: str, input_uri: str, out_uri: str, *,
     from prn_ray.runner import RegisteredModels
 
     scfg = cfg.storage
-    version, size, threshold = registry.describe(scfg, product, version)
+    version, geometry, threshold = registry.describe(scfg, product, version)
     if cfg.score.threshold is not None:
         threshold = float(cfg.score.threshold)
     runner = RegisteredModels(scfg, threads=threads)  # a GPU when there is one
     model = runner.get(product, version)
+    rule = ScoreRule.of(model)
     files, base = input_files(input_uri, scfg)
     names = output_names(files, base)
     rows: list[Prediction] = []
     step = max(1, int(batch_size or cfg.score.batch_size))
     for start in range(0, len(files), step):
         chunk = files[start:start + step]
-        batch = images.decode_batch({"image_uri": np.array(chunk, dtype=object)},
-                                    storage_cfg=scfg, data_cfg=cfg.data, image_size=size)
+        batch = images.decode_batch({"image_uri": np.array(chunk, dtype=object),
+                                     "item": np.arange(len(chunk))},
+                                    storage_cfg=scfg, data_cfg=cfg.data, geometry=geometry)
         ok = images.error_free(batch["error"])
-        good = np.nonzero(ok)[0]
-        probs = scores = None
-        if len(good):
-            out, _ = runner.run(model, batch["image"][good])
-            probs = out.anomaly_map[:, 0].float().cpu().numpy()
-            scores = out.score.float().cpu().numpy()
-        slot = {int(i): j for j, i in enumerate(good)}
+        results = {}
+        if ok.any():
+            probs, _ = in_batches(lambda v: runner.probabilities(model, v), batch["image"][ok],
+                                  step)
+            results = {m.item: m for m in stitch_items(
+                probs, batch["item"][ok], batch["view"][ok], batch["orig_height"][ok],
+                batch["orig_width"][ok], geometry, rule)}
         for i, uri in enumerate(chunk):
             row = Prediction(file=uri, threshold=threshold, model_version=version)
-            if not ok[i]:
-                row.error = str(batch["error"][i])
+            if i not in results:
+                row.error = str(batch["error"][np.flatnonzero(batch["item"] == i)[0]])
             else:
-                write_outputs(row, uri, probs[slot[i]], float(scores[slot[i]]), names[uri],
+                write_outputs(row, uri, results[i].amap, results[i].score, names[uri],
                               out_uri, cfg)
             rows.append(row)
         say(f"{min(start + step, len(files))}/{len(files)} files")

@@ -6,7 +6,9 @@ Layout under ``storage.models_uri``::
     <product>/<version>/backbone.safetensors  frozen backbone weights (extension: a version is
                                               self-contained, so nightly scoring in an
                                               air-gapped plant needs no hub or weights URI)
-    <product>/<version>/config.json           full config (model incl. backbone + weight source)
+    <product>/<version>/config.json           full config (model incl. backbone + weight source),
+                                              image_size and the geometry (extension: how an
+                                              image becomes the model's inputs)
     <product>/<version>/calibration.json      decision threshold and how it was chosen
     <product>/<version>/metrics.json          validation metrics, training summary
     <product>/LATEST                          the current version (plain text), written last
@@ -24,6 +26,7 @@ from prn_ray import storage
 from prn_ray.config import Config, StorageConfig, from_dict
 from prn_ray.contracts import cpu_tensors, dumps, id_time, new_id
 from prn_ray.errors import RegistryError  # noqa: F401 - raised here, caught by the CLIs
+from prn_ray.geometry import Geometry, as_size
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written: resolving a model
     import torch  # (the scoring driver's part) stays free of it
@@ -40,11 +43,16 @@ class ModelVersion:
     version: str
     uri: str
     config: Config
-    image_size: int
+    geometry: Geometry
     calibration: dict[str, Any]
     metrics: dict[str, Any]
     head_state: dict[str, torch.Tensor]
     backbone_state: dict[str, torch.Tensor]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The model's input (h, w): one tile when tiled."""
+        return self.geometry.size
 
     @property
     def threshold(self) -> float:
@@ -72,7 +80,7 @@ def publish(
     *,
     head_state: dict[str, torch.Tensor],
     backbone_state: dict[str, torch.Tensor],
-    image_size: int,
+    geometry: Geometry,
     calibration: dict[str, Any],
     metrics: dict[str, Any],
     version: str | None = None,
@@ -100,7 +108,9 @@ def publish(
         st_save(cpu_tensors(backbone_state), metadata={**meta, "weights": cfg.model.weights}),
         scfg,
     )
-    config_doc = {"product": product, "version": version, "image_size": image_size,
+    h, w = geometry.size
+    config_doc = {"product": product, "version": version,
+                  "image_size": h if h == w else [h, w], "geometry": geometry.to_doc(),
                   "config": cfg.to_dict()}
     storage.write_text(storage.join(root, "calibration.json"), _dumps(calibration), scfg)
     storage.write_text(storage.join(root, "metrics.json"), _dumps(metrics), scfg)
@@ -133,9 +143,16 @@ def list_products(storage_cfg: StorageConfig) -> list[str]:
             if storage.exists(storage.join(root, p, "LATEST"), storage_cfg)]
 
 
+def geometry_of(config_doc: dict[str, Any]) -> Geometry:
+    """A version's geometry; versions from before tiles stretched the image to image_size."""
+    if "geometry" in config_doc:
+        return Geometry.from_doc(config_doc["geometry"])
+    return Geometry(as_size(config_doc["image_size"]))
+
+
 def describe(storage_cfg: StorageConfig, product: str, version: str | None = None
-             ) -> tuple[str, int, float]:
-    """(version, image_size, calibrated threshold) of a registered model without reading its
+             ) -> tuple[str, Geometry, float]:
+    """(version, geometry, calibrated threshold) of a registered model without reading its
     weights. Raises :class:`RegistryError` with the reason when the product has no (complete)
     model."""
     version = version or latest_version(storage_cfg, product)
@@ -143,11 +160,11 @@ def describe(storage_cfg: StorageConfig, product: str, version: str | None = Non
     if root is None or not all(storage.exists(storage.join(root, f), storage_cfg)
                                for f in REQUIRED_FILES):
         mv = load(storage_cfg, product, version)  # raises, with the reason
-        return mv.version, mv.image_size, mv.threshold
+        return mv.version, mv.geometry, mv.threshold
     config_doc = json.loads(storage.read_text(storage.join(root, "config.json"), storage_cfg))
     calibration = json.loads(storage.read_text(storage.join(root, "calibration.json"),
                                                storage_cfg))
-    return version, int(config_doc["image_size"]), float(calibration["threshold"])
+    return version, geometry_of(config_doc), float(calibration["threshold"])
 
 
 # Validation metrics a model listing shows: the selection value, then the real-defect metrics.
@@ -164,7 +181,7 @@ class ModelInfo:
     latest: bool
     created_at: str | None  # UTC, from the version id
     threshold: float | None
-    image_size: int | None
+    image_size: int | list[int] | None
     backbone: str | None
     weights: str | None
     selection_metric: str | None  # train.selection_metric of the run that registered it
@@ -232,7 +249,7 @@ def load(storage_cfg: StorageConfig, product: str, version: str | None = None) -
         version=version,
         uri=root,
         config=cfg,
-        image_size=int(config_doc["image_size"]),
+        geometry=geometry_of(config_doc),
         calibration=json.loads(storage.read_text(storage.join(root, "calibration.json"), storage_cfg)),
         metrics=json.loads(storage.read_text(storage.join(root, "metrics.json"), storage_cfg)),
         head_state=st_load(storage.read_bytes(storage.join(root, "model.safetensors"), storage_cfg)),

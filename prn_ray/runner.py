@@ -75,3 +75,8 @@ class RegisteredModels:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return out, 1e3 * (time.perf_counter() - t0) / max(1, len(images))
+
+    def probabilities(self, model: nn.Module, views: np.ndarray) -> tuple[np.ndarray, float]:
+        """(anomaly maps B x h x w float32, ms per view) of views at the model's size."""
+        out, ms = self.run(model, views)
+        return out.anomaly_map[:, 0].float().cpu().numpy(), ms

@@ -156,6 +156,7 @@ def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 
     import torch
 
     from prn_ray import registry
+    from prn_ray.geometry import Geometry, as_size
     from prn_ray.images import resize_image
     from prn_ray.model import build_prn
     from prn_ray.model.reference import fit_reference
@@ -174,7 +175,8 @@ def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 
         threshold = float(prn.eval()(x[k:]).score.median())
     return registry.publish(
         cfg, product, head_state=prn.head.state_dict(), backbone_state=prn.backbone.state_dict(),
-        image_size=size, calibration={"threshold": threshold, "rule": "median (tests)"},
+        geometry=Geometry(as_size(size)),
+        calibration={"threshold": threshold, "rule": "median (tests)"},
         metrics={"note": "tests/helpers.publish_fitted: fitted reference, no training"},
         version=version)
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from prn_ray.export import export_model
 
     mv = registry.load(cfg.storage, args.product, args.version)
-    progress(args.product, f"exporting {mv.version} ({mv.image_size} px) as {args.format}")
+    progress(args.product, f"exporting {mv.version} ({mv.geometry.describe()}) as {args.format}")
     doc = export_model(mv, args.format, args.out, input_dtype=args.input_dtype,
                        storage_cfg=cfg.storage, check=not args.no_check)
     check = doc.get("check")

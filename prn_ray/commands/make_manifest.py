@@ -4,6 +4,9 @@
     python jobs/make_manifest.py paired-mask --root ../shared/data/magnetic_tile \\
         --product magnetic_tile --normal MT_Free --test-normal-fraction 0.2101 \\
         --test-normal-order last --out runs/mt/magnetic_tile.parquet
+    # VisA's layout and its official one-class split (one product per object)
+    python jobs/make_manifest.py visa --root ../shared/data/visa_macaroni1 \\
+        --out runs/visa/macaroni1.parquet
     # freeze the listing of an MVTec-style tree (splits as in the tree)
     python jobs/make_manifest.py mvtec --root s3://bucket/mvtec --out s3://bucket/mvtec.parquet \\
         --endpoint-url http://minio:9000
@@ -56,6 +59,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     mv.add_argument("--out", required=True)
     mv.add_argument("--relative", action="store_true")
 
+    vs = sub.add_parser("visa", parents=[shared],
+                        help="VisA: <root>/split_csv/1cls.csv + <root>/<object>/Data/...")
+    vs.add_argument("--root", required=True, help="the folder holding split_csv/ and the objects")
+    vs.add_argument("--split-csv", default=None,
+                    help="default <root>/split_csv/1cls.csv (VisA's one-class split)")
+    vs.add_argument("--objects", type=names, default=None,
+                    help="only these objects (comma-separated; default all)")
+    vs.add_argument("--out", required=True)
+    vs.add_argument("--relative", action="store_true")
+
     args = p.parse_args(argv)
     if args.layout == "paired-mask" and not 0 <= args.test_normal_fraction < 1:
         p.error(f"--test-normal-fraction must be >= 0 and < 1, got {args.test_normal_fraction}")
@@ -84,6 +97,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if unpaired:
             print(f"warning: {len(unpaired)} mask(s) without an image, e.g. "
                   f"{storage.redact(unpaired[0])}", file=sys.stderr)
+    elif args.layout == "visa":
+        df = manifest.visa_manifest(args.root, scfg, split_csv=args.split_csv,
+                                    objects=args.objects)
     else:
         df = scan_mvtec(args.root, scfg)
     manifest.write_manifest(df, args.out, scfg, relative=args.relative)

@@ -1,6 +1,8 @@
 """Features that every epoch repeats, computed once: the train normals and the raw seen defects
 enter every epoch unchanged (PRN's epoch plan: ``N_n`` normals and ``5 x`` each seen defect),
-so only the synthetic rows need decode -> synthesis -> backbone each epoch.
+so only the synthetic rows need decode -> synthesis -> backbone each epoch. With tiles a normal
+row is a fresh tile of its image every epoch, so normals are streamed too and only the seen
+defects' views are cached (:func:`cached_kinds`).
 
 :class:`FeatureCache` holds those rows' backbone features (float16); :func:`merge_batches`
 walks the epoch plan in order and fills each position either from the cache or from the
@@ -20,39 +22,46 @@ import torch
 from prn_ray import images
 from prn_ray.contracts import FEATURE_COLUMNS
 
-CACHED_KINDS = ("normal", "seen")  # plan rows that synthesis leaves unchanged
+
+def cached_kinds(tiled: bool) -> tuple[str, ...]:
+    """Plan rows whose features are the same every epoch: normals (untiled: the whole image)
+    and raw seen defects (a fixed view each); with tiles a normal row is a fresh tile."""
+    return ("seen",) if tiled else ("normal", "seen")
 
 
 @dataclass
 class FeatureCache:
     """Backbone features (per level ``[N, C, h, w]``) of the train normals, in
-    ``ProductData.train_normals`` order, and of the seen defects (``ProductData.seen`` order)
-    with their masks at the training image size."""
+    ``ProductData.train_normals`` order (``None`` when they are streamed: tiles), and of the
+    seen defects (``ProductData.seen`` order) with their masks at the model's input size."""
 
-    normals: list[np.ndarray]
+    normals: list[np.ndarray] | None
     seen: list[np.ndarray]
     seen_masks: np.ndarray  # [S, H, W] uint8
-    image_size: int
+    image_size: tuple[int, int]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.normals, *self.seen, self.seen_masks))
+        return sum(a.nbytes for a in (*(self.normals or ()), *self.seen, self.seen_masks))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"normal.{i}": torch.from_numpy(np.ascontiguousarray(a))
-               for i, a in enumerate(self.normals)}
+               for i, a in enumerate(self.normals or ())}
         out.update({f"seen.{i}": torch.from_numpy(np.ascontiguousarray(a))
                     for i, a in enumerate(self.seen)})
         out["seen_masks"] = torch.from_numpy(np.ascontiguousarray(self.seen_masks))
-        out["image_size"] = torch.tensor([self.image_size])
+        out["image_size"] = torch.tensor(list(self.image_size))
         return out
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> FeatureCache:
         levels = len(FEATURE_COLUMNS)
-        return cls(normals=[t[f"normal.{i}"].numpy() for i in range(levels)],
+        size = [int(v) for v in t["image_size"]]
+        return cls(normals=([t[f"normal.{i}"].numpy() for i in range(levels)]
+                            if "normal.0" in t else None),
                    seen=[t[f"seen.{i}"].numpy() for i in range(levels)],
-                   seen_masks=t["seen_masks"].numpy(), image_size=int(t["image_size"][0]))
+                   seen_masks=t["seen_masks"].numpy(),
+                   image_size=(size[0], size[-1]))
 
 
 def seen_features(pairs: list[tuple[np.ndarray, np.ndarray]], backbone: torch.nn.Module,
@@ -72,9 +81,9 @@ def seen_features(pairs: list[tuple[np.ndarray, np.ndarray]], backbone: torch.nn
     return [np.concatenate(level) for level in feats], masks
 
 
-def streamed_rows(plan: pd.DataFrame) -> pd.DataFrame:
+def streamed_rows(plan: pd.DataFrame, tiled: bool) -> pd.DataFrame:
     """The plan rows that must be decoded, synthesised and featurised (not cached)."""
-    return plan[~plan["kind"].isin(CACHED_KINDS)].reset_index(drop=True)
+    return plan[~plan["kind"].isin(cached_kinds(tiled))].reset_index(drop=True)
 
 
 def merge_batches(plans: pd.DataFrame | Iterable[pd.DataFrame], cache: FeatureCache,
@@ -106,13 +115,13 @@ def merge_batches(plans: pd.DataFrame | Iterable[pd.DataFrame], cache: FeatureCa
                               np.asarray(batch["mask"][r])) if ok[r] else None
         return waiting.pop(key)
 
-    blank = np.zeros((cache.image_size, cache.image_size), np.uint8)  # a normal's mask
+    blank = np.zeros(cache.image_size, np.uint8)  # a normal's mask
     rows: list[tuple[list[np.ndarray], np.ndarray, int]] = []
     for plan in ([plans] if isinstance(plans, pd.DataFrame) else plans):
         for epoch, pos, kind, n_idx, s_idx in zip(
                 plan["epoch"].to_numpy(), plan["pos"].to_numpy(), plan["kind"].to_numpy(),
                 plan["normal_index"].to_numpy(), plan["source_index"].to_numpy()):
-            if kind == "normal":
+            if kind == "normal" and cache.normals is not None:
                 feats, mask = [level[n_idx] for level in cache.normals], blank
             elif kind == "seen":
                 feats, mask = [level[s_idx] for level in cache.seen], cache.seen_masks[s_idx]

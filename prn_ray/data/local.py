@@ -16,25 +16,28 @@ from prn_ray import images
 from prn_ray.config import Config
 from prn_ray.contracts import FEATURE_COLUMNS
 from prn_ray.data.stages import SynthesisBanks
+from prn_ray.geometry import Geometry
 from prn_ray.model import Backbone
 from prn_ray.runner import images_to_tensor
 
 
-def feature_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config, size: int,
-                    backbone: Backbone, batch_size: int, extra: tuple[str, ...] = (),
-                    drop_last: bool = False, validation: bool = False
-                    ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of torch tensors: ``feat0..3``, ``mask`` and the ``extra`` columns of ``frame``.
+def feature_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config,
+                    geometry: Geometry, backbone: Backbone, batch_size: int,
+                    extra: tuple[str, ...] = (), drop_last: bool = False,
+                    validation: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of torch tensors: ``feat0..3``, ``mask`` and the ``extra`` columns (of
+    ``frame``, or the decode's: ``view``, ``orig_height``, ``orig_width``), one row per view
+    (``batch_size`` rows of ``frame`` at a time).
 
     Rows that fail to decode are dropped here (the Ray path reports them upstream)."""
-    synth = (banks.validation_synthesizer if validation else banks.synthesizer)(cfg, size)
+    synth = (banks.validation_synthesizer if validation else banks.synthesizer)(cfg, geometry)
     stop = len(frame) - batch_size + 1 if drop_last else len(frame)
     dtype = torch.float16 if cfg.model.feature_dtype == "float16" else torch.float32
     for i in range(0, max(stop, 0), batch_size):
         rows = frame.iloc[i:i + batch_size]
         batch = {c: rows[c].to_numpy() for c in rows.columns}
         batch = images.decode_batch(batch, storage_cfg=cfg.storage, data_cfg=cfg.data,
-                                    image_size=size)
+                                    geometry=geometry)
         ok = images.error_free(batch["error"])
         batch = synth({k: v[ok] for k, v in batch.items()})
         with torch.inference_mode():
@@ -46,17 +49,19 @@ def feature_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config, siz
         yield out
 
 
-def streamed_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config, size: int,
-                     backbone: Backbone, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def streamed_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config,
+                     geometry: Geometry, backbone: Backbone, batch_size: int
+                     ) -> Iterator[dict[str, np.ndarray]]:
     """The streamed (synthetic) rows of a plan as the training stream delivers them: numpy
     ``epoch, pos, error, mask, feat0..3``, failed rows kept with ``error`` set (the in-process
     twin of :func:`prn_ray.data.ray_training_data.train_dataset`)."""
-    synth = banks.synthesizer(cfg, size)
+    synth = banks.synthesizer(cfg, geometry)
     dtype = np.float16 if cfg.model.feature_dtype == "float16" else np.float32
     for i in range(0, len(frame), batch_size):
         rows = frame.iloc[i:i + batch_size]
         batch = images.decode_batch({c: rows[c].to_numpy() for c in rows.columns},
-                                    storage_cfg=cfg.storage, data_cfg=cfg.data, image_size=size)
+                                    storage_cfg=cfg.storage, data_cfg=cfg.data,
+                                    geometry=geometry)
         batch = synth(batch)
         with torch.inference_mode():
             feats = backbone(images_to_tensor(batch["image"]))
@@ -65,18 +70,18 @@ def streamed_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config, si
         yield out
 
 
-def reference_batches(normals: list[str], cfg: Config, size: int, backbone: Backbone,
+def reference_batches(normals: list[str], cfg: Config, geometry: Geometry, backbone: Backbone,
                       batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """The normal images' features with ``image_uri`` and ``error`` kept (the in-process twin of
-    :func:`prn_ray.data.ray_training_data.reference_dataset`)."""
+    """Every view's features with ``image_uri``, ``view`` and ``error`` kept (the in-process
+    twin of :func:`prn_ray.data.ray_training_data.reference_dataset`)."""
     dtype = np.float16 if cfg.model.feature_dtype == "float16" else np.float32
     for i in range(0, len(normals), batch_size):
         batch = {"image_uri": np.array(normals[i:i + batch_size], dtype=object),
                  "mask_uri": np.array([""] * len(normals[i:i + batch_size]), dtype=object)}
         batch = images.decode_batch(batch, storage_cfg=cfg.storage, data_cfg=cfg.data,
-                                    image_size=size)
+                                    geometry=geometry)
         ok = images.error_free(batch["error"])
-        out = {"image_uri": batch["image_uri"], "error": batch["error"]}
+        out = {"image_uri": batch["image_uri"], "view": batch["view"], "error": batch["error"]}
         feats = [np.zeros((len(ok), 0), dtype)] * len(FEATURE_COLUMNS)
         if ok.any():
             with torch.inference_mode():

@@ -305,3 +305,51 @@ def paired_mask_manifest(
     df.attrs["root"] = base
     df.attrs["unpaired_masks"] = sorted(set(masks.values()) - used)
     return df
+
+
+def visa_manifest(root_uri: str, storage_cfg: StorageConfig | None = None, *,
+                  split_csv: str | None = None, objects: Sequence[str] | None = None
+                  ) -> pd.DataFrame:
+    """Sample table of the VisA layout (Zou et al., ECCV 2022): ``<root>/split_csv/1cls.csv``
+    (``object, split, label, image, mask``, paths relative to ``<root>``) is the official
+    one-class split; one product per object. ``train`` normals train, ``test`` images test (the
+    seen anomalies are carved from those by :func:`assign_splits`, as for any manifest). Each
+    object's ``<object>/image_anno.csv``, where present, gives the defect types (several joined
+    by ``+``); else ``anomaly``."""
+    split_uri = split_csv or storage.join(root_uri, "split_csv", "1cls.csv")
+    try:
+        split = pd.read_csv(io.BytesIO(storage.read_bytes(split_uri, storage_cfg)), dtype=str,
+                            keep_default_na=False)
+    except FileNotFoundError:
+        raise CatalogError(f"no VisA split file {storage.redact(split_uri)} (give --split-csv)"
+                           ) from None
+    missing = {"object", "split", "label", "image", "mask"} - set(split.columns)
+    if missing:
+        raise CatalogError(f"{storage.redact(split_uri)}: missing column(s) {sorted(missing)}")
+    if objects:
+        unknown = sorted(set(objects) - set(split["object"]))
+        if unknown:
+            raise CatalogError(f"object(s) {unknown} not in {storage.redact(split_uri)}; "
+                               f"objects: {sorted(set(split['object']))}")
+        split = split[split["object"].isin(objects)]
+    types: dict[str, str] = {}
+    for obj in sorted(set(split["object"])):
+        anno_uri = storage.join(root_uri, obj, "image_anno.csv")
+        if storage.exists(anno_uri, storage_cfg):
+            anno = pd.read_csv(io.BytesIO(storage.read_bytes(anno_uri, storage_cfg)), dtype=str,
+                               keep_default_na=False)
+            # paths as in 1cls.csv (relative to the root), or relative to the object
+            types.update({i if i.startswith(obj + "/") else posixpath.join(obj, i):
+                          lab.replace(",", "+") for i, lab in zip(anno["image"], anno["label"])})
+    rows = []
+    for r in split.itertuples(index=False):
+        anomaly = r.label != "normal"
+        rows.append({"product": r.object, "image_uri": storage.join(root_uri, r.image),
+                     "label": "anomaly" if anomaly else "normal",
+                     "defect_type": types.get(r.image, "anomaly") if anomaly else "good",
+                     "mask_uri": storage.join(root_uri, r.mask) if r.mask else "",
+                     "split": "train" if r.split == "train" else "test"})
+    df = pd.DataFrame(rows, columns=COLUMNS).sort_values(["product", "image_uri"],
+                                                         kind="stable").reset_index(drop=True)
+    df.attrs["root"] = base_uri(root_uri, storage_cfg)
+    return df

@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from prn_ray import geometry as geom
 from prn_ray.config import Config
 from prn_ray.synthesis import epoch_plan
+
+SIZE_SAMPLE = 16  # normal images whose headers decide tiles: auto for a product
 
 
 @dataclass
@@ -84,3 +87,36 @@ class Budget:
         # budget (and never all of a 10000-epoch config: it would plan millions of rows).
         planned = min(tc.epochs, epochs + (1 if tc.max_steps else 0))
         return cls(epoch_rows, world, per_epoch, total, epochs, planned)
+
+
+def image_sizes(uris: list[str], cfg: Config, n: int = SIZE_SAMPLE) -> list[tuple[int, int]]:
+    """(height, width) of up to ``n`` images spread evenly over ``uris``, from their headers
+    (a ranged read each); unreadable ones are skipped (the decode reports them)."""
+    from prn_ray.images import header_size
+
+    if not uris:
+        return []
+    step = max(1, len(uris) // n)
+    out = []
+    for uri in uris[::step][:n]:
+        try:
+            size = header_size(uri, cfg.storage)
+        except Exception:  # noqa: BLE001 - a bad file is the decode's to report
+            size = None
+        if size:
+            out.append((int(size[1]), int(size[0])))
+    return out
+
+
+def product_geometry(cfg: Config, normals: list[str]) -> tuple[Config, geom.Geometry]:
+    """The product's :class:`~prn_ray.geometry.Geometry` (``data.tiles.mode: auto`` decided
+    from its normal images' sizes) and its config with that choice pinned, so the training
+    run, its checkpoints and the registered model all read the same geometry."""
+    needs_sizes = cfg.data.tiles.mode == "auto" or (
+        cfg.data.tiles.mode == "on" and cfg.data.tiles.scale == "auto")
+    sizes = image_sizes(normals, cfg) if needs_sizes else None
+    if needs_sizes and not sizes:
+        raise RuntimeError("no normal image header could be read to choose data.tiles")
+    g = geom.resolve(cfg.data, sizes)
+    return cfg.replace(geom.pinned(cfg.data, g)), g
+

@@ -90,11 +90,11 @@ def decode_tallied(batch: dict[str, np.ndarray], *, tally, **kwargs) -> dict[str
     return out
 
 
-def decode_stage(ds: ray.data.Dataset, cfg: Config, image_size: int,
-                 tally=None) -> ray.data.Dataset:
-    """Read bytes from storage and decode/resize; failures become rows with ``error`` set.
+def decode_stage(ds: ray.data.Dataset, cfg: Config, geometry, tally=None) -> ray.data.Dataset:
+    """Read bytes from storage, decode and cut into views (``geometry``: a
+    :class:`~prn_ray.geometry.Geometry` or a size); failures become rows with ``error`` set.
     ``tally``: a :class:`RunTally` that counts the retried requests of these reads."""
-    kwargs = {"storage_cfg": cfg.storage, "data_cfg": cfg.data, "image_size": image_size}
+    kwargs = {"storage_cfg": cfg.storage, "data_cfg": cfg.data, "geometry": geometry}
     if tally is not None:
         kwargs["tally"] = tally
     return ds.map_batches(

@@ -25,6 +25,7 @@ from prn_ray.data.product import Budget, ProductData
 from prn_ray.data.ray_data import actor_pool_map, cluster_has_gpu, decode_stage, frame_dataset
 from prn_ray.data.stages import FeatureExtractor, SynthesisBanks, shard_plan, validation_frame
 from prn_ray.engine.state import resume_epoch
+from prn_ray.geometry import Geometry
 
 
 class IdleBackoff:
@@ -68,7 +69,7 @@ def with_idle_backoff(ds: ray.data.Dataset) -> ray.data.Dataset:
     return ds
 
 
-def feature_stage(ds: ray.data.Dataset, cfg: Config, image_size: int,
+def feature_stage(ds: ray.data.Dataset, cfg: Config, geometry: Geometry,
                   keep: tuple[str, ...] | None = None) -> ray.data.Dataset:
     """Backbone features (``feat0..3``) for each row; ``keep`` names the other columns kept.
 
@@ -81,7 +82,7 @@ def feature_stage(ds: ray.data.Dataset, cfg: Config, image_size: int,
         fn_constructor_kwargs={
             "model_cfg": cfg.model,
             "storage_cfg": cfg.storage,
-            "image_size": image_size,
+            "image_size": geometry.size,
             # A 1.5-CPU actor runs 2 threads: the decode tasks beside it are mostly I/O waits.
             "threads": max(1, math.ceil(cpus)),
             "keep": keep,
@@ -94,38 +95,41 @@ def feature_stage(ds: ray.data.Dataset, cfg: Config, image_size: int,
     )
 
 
-def streamed_features(ds: ray.data.Dataset, cfg: Config, image_size: int,
+def streamed_features(ds: ray.data.Dataset, cfg: Config, geometry: Geometry,
                       keep: tuple[str, ...]) -> ray.data.Dataset:
     """A training worker's stream: features from the actor pool, or (``features_in:
     trainer``) the rows with their images, which the worker turns into features itself with
     the same :class:`FeatureExtractor` and ``keep``."""
     if cfg.train.features_in == "actors":
-        return feature_stage(ds, cfg, image_size, keep=keep)
+        return feature_stage(ds, cfg, geometry, keep=keep)
     return ds
 
 
 TRAIN_COLUMNS = ("mask", "epoch", "pos", "error")  # a streamed row's columns besides features
-VALIDATION_COLUMNS = ("mask", "group")
+VALIDATION_COLUMNS = ("mask", "group", "item", "view", "orig_height", "orig_width")
 
 
-def reference_dataset(data: ProductData, cfg: Config, image_size: int) -> ray.data.Dataset:
-    """Train normals -> features; keeps ``image_uri`` and ``error`` so bad files are reported."""
+def reference_dataset(data: ProductData, cfg: Config, geometry: Geometry) -> ray.data.Dataset:
+    """Train normals -> every view's features; keeps ``image_uri``, ``view`` and ``error`` so
+    bad files are reported."""
     frame = pd.DataFrame({"image_uri": data.train_normals, "mask_uri": ""})
-    ds = decode_stage(frame_dataset(frame, cfg), cfg, image_size)
-    return feature_stage(ds, cfg, image_size, keep=("image_uri", "error"))
+    ds = decode_stage(frame_dataset(frame, cfg), cfg, geometry)
+    return feature_stage(ds, cfg, geometry, keep=("image_uri", "view", "error"))
 
 
-STREAM_COLUMNS = ("epoch", "pos", "kind", "image_uri", "mask_uri", "seed", "source_index")
+STREAM_COLUMNS = ("epoch", "pos", "kind", "image_uri", "mask_uri", "seed", "view",
+                  "source_index")
 
 
 def epoch_rows_to_stream(batch: dict[str, np.ndarray], data: ProductData, cfg: Config,
-                         run_uri: str, rank: int, world: int) -> dict[str, np.ndarray]:
+                         run_uri: str, rank: int, world: int, tiled: bool
+                         ) -> dict[str, np.ndarray]:
     """Expand epoch numbers into the rows of those epochs that must be streamed (synthetic rows
     of this worker's positions). Runs when the stream reaches the epoch: epochs before the
     worker's resume point (recorded by the worker before it reads, after restoring its
     checkpoint) expand to nothing, so a restarted run streams from where its checkpoint is."""
     start = resume_epoch(run_uri, cfg.storage)
-    frames = [streamed_rows(shard_plan(data, cfg, int(e), rank, world))
+    frames = [streamed_rows(shard_plan(data, cfg, int(e), rank, world), tiled)
               for e in batch["epoch"] if int(e) >= start]
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         {c: np.zeros(0, np.int64) for c in STREAM_COLUMNS})
@@ -134,7 +138,7 @@ def epoch_rows_to_stream(batch: dict[str, np.ndarray], data: ProductData, cfg: C
     return {c: frame[c].to_numpy() for c in STREAM_COLUMNS}
 
 
-def train_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config, image_size: int,
+def train_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config, geometry: Geometry,
                   run_uri: str, rank: int = 0, world: int = 1) -> ray.data.Dataset:
     """The synthetic rows of every planned epoch for worker ``rank`` (the rows every epoch
     repeats come from the feature cache): epochs are expanded into rows lazily, as the stream
@@ -145,20 +149,21 @@ def train_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config, image_s
     ds = ray.data.from_items([{"epoch": e} for e in epochs], override_num_blocks=len(epochs))
     ds = ds.map_batches(epoch_rows_to_stream, batch_size=None, batch_format="numpy",
                         fn_kwargs={"data": data, "cfg": cfg, "run_uri": run_uri, "rank": rank,
-                                   "world": world}, num_cpus=cfg.data.task_cpus)
-    ds = decode_stage(ds, cfg, image_size)
-    ds = ds.map_batches(banks.synthesizer(cfg, image_size), batch_size=cfg.data.read_batch_size,
+                                   "world": world, "tiled": geometry.tiled},
+                        num_cpus=cfg.data.task_cpus)
+    ds = decode_stage(ds, cfg, geometry)
+    ds = ds.map_batches(banks.synthesizer(cfg, geometry), batch_size=cfg.data.read_batch_size,
                         batch_format="numpy", num_cpus=cfg.data.task_cpus)
-    return with_idle_backoff(streamed_features(ds, cfg, image_size, TRAIN_COLUMNS))
+    return with_idle_backoff(streamed_features(ds, cfg, geometry, TRAIN_COLUMNS))
 
 
 def validation_dataset(data: ProductData, banks: SynthesisBanks, cfg: Config,
-                       image_size: int) -> ray.data.Dataset:
+                       geometry: Geometry) -> ray.data.Dataset:
     frame = validation_frame(data, banks, cfg)
-    ds = decode_stage(frame_dataset(frame, cfg), cfg, image_size)
+    ds = decode_stage(frame_dataset(frame, cfg), cfg, geometry)
     ds = ds.map_batches(images.keep_error_free, batch_format="numpy",
                         num_cpus=cfg.data.task_cpus)  # reported by the catalog's reader
-    ds = ds.map_batches(banks.validation_synthesizer(cfg, image_size),
+    ds = ds.map_batches(banks.validation_synthesizer(cfg, geometry),
                         batch_size=cfg.data.read_batch_size,
                         batch_format="numpy", num_cpus=cfg.data.task_cpus)
-    return streamed_features(ds, cfg, image_size, VALIDATION_COLUMNS)
+    return streamed_features(ds, cfg, geometry, VALIDATION_COLUMNS)

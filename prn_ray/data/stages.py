@@ -17,6 +17,7 @@ stops a run; consumers decide what to do with them.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,7 @@ from prn_ray.contracts import (
     GROUP_SYNTHETIC,
 )
 from prn_ray.data.product import ProductData
+from prn_ray.geometry import VIEW_ALL, VIEW_RANDOM, Geometry, view_seed
 from prn_ray.runner import images_to_tensor, inference_device, prepare
 from prn_ray.synthesis import Synthesizer, epoch_plan, load_texture_bank, row_seed
 
@@ -45,7 +47,9 @@ VAL_EPOCH = 2**31 - 1  # seed namespace of the fixed validation anomalies (no tr
 def plan_frame(data: ProductData, cfg: Config, epochs: range) -> pd.DataFrame:
     """The rows of the given epochs, in training order: ``epoch``, ``pos`` (position in its
     epoch), ``kind``, the image each row starts from (``image_uri``/``mask_uri``, and
-    ``normal_index``/``source_index`` into ``train_normals``/``seen``) and its ``seed``."""
+    ``normal_index``/``source_index`` into ``train_normals``/``seen``), its ``seed`` and its
+    ``view``: a grid view of the image drawn from the seed (tiled: a fresh tile of the normal
+    image every epoch; untiled: the one whole-image view)."""
     frames = []
     for epoch in epochs:
         plan = epoch_plan(len(data.train_normals), len(data.seen), cfg.synthesis, epoch,
@@ -68,6 +72,7 @@ def plan_frame(data: ProductData, cfg: Config, epochs: range) -> pd.DataFrame:
             "image_uri": image_uri,
             "mask_uri": mask_uri,
             "seed": plan["seed"],
+            "view": np.full(len(kind), VIEW_RANDOM, dtype=np.int64),
             "normal_index": plan["normal_index"],
             "source_index": plan["source_index"],
         }))
@@ -85,7 +90,11 @@ def shard_plan(data: ProductData, cfg: Config, epoch: int, rank: int = 0, world:
 def validation_frame(data: ProductData, banks: SynthesisBanks, cfg: Config) -> pd.DataFrame:
     """Held-out normals and real anomalies, plus one fixed synthetic anomaly per held-out normal,
     seeded apart from every training epoch: alternately a simulated anomaly and (when the
-    product has held-out real defects) an extended copy of a held-out real defect."""
+    product has held-out real defects) an extended copy of a held-out real defect.
+
+    Each row is one ``item`` (an image, as scoring would see it): normals and real defects
+    with all their views (``VIEW_ALL``), so their image scores come from stitched maps as in
+    scoring; a synthetic anomaly is one view of its normal (``VIEW_RANDOM``)."""
     val = data.val
     normals = val[val["label"] == "normal"]["image_uri"].tolist()
     real = val[val["label"] == "anomaly"]
@@ -99,6 +108,9 @@ def validation_frame(data: ProductData, banks: SynthesisBanks, cfg: Config) -> p
                      else "simulated", "group": GROUP_REAL_EXTENDED if extended
                      else GROUP_SYNTHETIC})
     frame = pd.DataFrame(rows, columns=["image_uri", "mask_uri", "kind", "group"])
+    frame["item"] = np.arange(len(frame), dtype=np.int64)
+    frame["view"] = np.where(frame["kind"].isin(["normal", "seen"]), VIEW_ALL,
+                             VIEW_RANDOM).astype(np.int64)
     frame["seed"] = np.array([row_seed(cfg.train.seed, VAL_EPOCH, i) for i in range(len(frame))],
                              dtype=np.int64)
     n_seen = max(1, len(banks.val_seen))
@@ -122,43 +134,62 @@ class SynthesisBanks:
     heterologous: np.ndarray | None
     val_seen: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # held-out
 
-    def synthesizer(self, cfg: Config, image_size: int) -> Synthesizer:
+    def synthesizer(self, cfg: Config, geometry: Geometry) -> Synthesizer:
         """Training synthesis: extended anomalies from the training defects."""
-        return Synthesizer(cfg.synthesis, image_size, textures=self.textures, seen=self.seen,
+        return Synthesizer(cfg.synthesis, geometry.size, textures=self.textures, seen=self.seen,
                            homologous=self.homologous, heterologous=self.heterologous)
 
-    def validation_synthesizer(self, cfg: Config, image_size: int) -> Synthesizer:
+    def validation_synthesizer(self, cfg: Config, geometry: Geometry) -> Synthesizer:
         """Validation synthesis: extended anomalies only from the held-out real defects, so
         validation never rewards fitting the training defects."""
-        return Synthesizer(cfg.synthesis, image_size, textures=self.textures, seen=self.val_seen,
-                           homologous=self.homologous, heterologous=self.heterologous)
+        return Synthesizer(cfg.synthesis, geometry.size, textures=self.textures,
+                           seen=self.val_seen, homologous=self.homologous,
+                           heterologous=self.heterologous)
 
 
-def decode_uris(uris: list[tuple[str, str]], cfg: Config, image_size: int
-                ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, str]]:
-    """Decode (image, mask) pairs in-process (for the small banks). Returns pairs and errors."""
-    if not uris:
-        return [], {}
-    batch = {"image_uri": np.array([u for u, _ in uris], dtype=object),
-             "mask_uri": np.array([m or "" for _, m in uris], dtype=object)}
-    out = images.decode_batch(batch, storage_cfg=cfg.storage, data_cfg=cfg.data,
-                              image_size=image_size)
-    pairs, bad = [], {}
-    for i, (uri, _) in enumerate(uris):
-        err = out["error"][i]
-        if err:
-            bad[uri] = err
+def decode_uris(uris: list[tuple[str, str]], cfg: Config, geometry: Geometry,
+                views: str = "defect") -> tuple[list[list[tuple[np.ndarray, np.ndarray]]],
+                                                dict[str, str]]:
+    """Decode (image, mask) pairs in-process (the small banks) and cut the views a bank keeps:
+    ``defect`` -- the views that show the mask (:meth:`Geometry.defect_views`; untiled, the
+    whole image); ``one`` -- one view per image, drawn from a seed of its position. Returns
+    the views of each readable image, in order, and the errors (uri -> reason)."""
+    def load(pair: tuple[str, str]):
+        try:
+            return images.load_pair(pair[0], pair[1], "optional", cfg.storage, cfg.data)
+        except Exception as exc:  # noqa: BLE001 - reported (quarantined), never a crash
+            return images.row_error(exc)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # object-store latency overlaps
+        loaded = list(pool.map(load, uris))
+    out: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    bad: dict[str, str] = {}
+    for i, ((uri, _), got) in enumerate(zip(uris, loaded)):
+        if isinstance(got, str):
+            bad[uri] = got
+            continue
+        img, mask = got
+        mask = np.zeros(img.shape[:2], np.uint8) if mask is None else mask
+        if views == "defect":
+            out.append(geometry.defect_views(img, mask))
         else:
-            pairs.append((out["image"][i], out["mask"][i]))
-    return pairs, bad
+            k = view_seed(row_seed(cfg.train.seed, VAL_EPOCH, i), geometry.n_views(*img.shape[:2]))
+            out.append([(geometry.views(img, [k])[0], geometry.views(mask, [k], True)[0])])
+    return out, bad
 
 
-def build_banks(data: ProductData, others: dict[str, list[str]], cfg: Config, image_size: int,
-                bank_size: int = 16) -> SynthesisBanks:
-    """Textures, the product's seen defects, and same-/other-product normals for HOA/HEA."""
+def build_banks(data: ProductData, others: dict[str, list[str]], cfg: Config,
+                geometry: Geometry, bank_size: int = 16) -> SynthesisBanks:
+    """Textures, the product's seen defects, and same-/other-product normals for HOA/HEA, all
+    at the model's input size. Tiled, each seen defect becomes the views that show it, and
+    ``data.seen`` one entry per view (the epoch plan's raw seen rows and extended anomalies
+    index the views)."""
     rng = np.random.default_rng(cfg.train.seed)
-    seen, bad_seen = decode_uris(data.seen, cfg, image_size)
-    data.exclude(bad_seen)
+    seen_views, bad_seen = decode_uris(data.seen, cfg, geometry)
+    data.exclude(bad_seen)  # keeps the order of the rest: one-to-one with seen_views
+    seen = [v for views in seen_views for v in views]
+    if geometry.tiled:
+        data.seen = [pair for pair, views in zip(data.seen, seen_views) for _ in views]
 
     def pick(uris: list[str]) -> list[tuple[str, str]]:
         if not uris:
@@ -167,21 +198,20 @@ def build_banks(data: ProductData, others: dict[str, list[str]], cfg: Config, im
         return [(uris[i], "") for i in sorted(idx)]
 
     held_out = data.val[data.val["label"] == "anomaly"]
-    val_seen, bad_val = decode_uris(list(zip(held_out["image_uri"],
-                                             held_out["mask_uri"].fillna(""))), cfg, image_size)
+    val_views, bad_val = decode_uris(list(zip(held_out["image_uri"],
+                                              held_out["mask_uri"].fillna(""))), cfg, geometry)
     data.exclude(bad_val)
-    homo, _ = decode_uris(pick(data.train_normals), cfg, image_size)
+    homo, _ = decode_uris(pick(data.train_normals), cfg, geometry, views="one")
     other_uris = [u for p, us in sorted(others.items()) if p != data.product for u in us]
-    hetero, _ = decode_uris(pick(other_uris), cfg, image_size)
+    hetero, _ = decode_uris(pick(other_uris), cfg, geometry, views="one")
     return SynthesisBanks(
-        textures=load_texture_bank(cfg.synthesis, image_size, storage_cfg=cfg.storage,
+        textures=load_texture_bank(cfg.synthesis, max(geometry.size), storage_cfg=cfg.storage,
                                    seed=cfg.train.seed),
         seen=seen,
-        homologous=np.stack([im for im, _ in homo]) if homo else None,
-        heterologous=np.stack([im for im, _ in hetero]) if hetero else None,
-        val_seen=val_seen,
+        homologous=np.stack([v[0][0] for v in homo]) if homo else None,
+        heterologous=np.stack([v[0][0] for v in hetero]) if hetero else None,
+        val_seen=[v for views in val_views for v in views],
     )
-
 
 
 # ----------------------------------------------------------------------------- features

@@ -10,11 +10,11 @@ import torch
 from prn_ray.config import Config
 from prn_ray.data.feature_cache import merge_batches, streamed_rows
 from prn_ray.data.local import feature_batches, reference_batches, streamed_batches
-from prn_ray.data.product import ProductData
+from prn_ray.data.product import ProductData, product_geometry
 from prn_ray.data.stages import build_banks, plan_frame, validation_frame
 from prn_ray.engine.reference import build_feature_cache, compute_reference
 from prn_ray.engine.trainer import HeadTrainer
-from prn_ray.engine.validation import ValidationSet
+from prn_ray.engine.validation import VALIDATION_EXTRA, ValidationSet
 from prn_ray.model import Backbone, PRNHead
 
 
@@ -23,28 +23,30 @@ def train_local(cfg: Config, catalog: pd.DataFrame, product: str,
                 ) -> tuple[HeadTrainer, Backbone]:
     """Train ``product`` of ``catalog`` (its test rows are never read). Returns the trainer
     (its state, best weights, validation set) and the backbone it used."""
-    tc, size = cfg.train, cfg.data.image_size
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(cfg.train.seed)
     data = ProductData.from_catalog(catalog, product)
-    banks = build_banks(data, others or {}, cfg, size)
+    cfg, geometry = product_geometry(cfg, data.train_normals)
+    tc = cfg.train
+    banks = build_banks(data, others or {}, cfg, geometry)
     backbone = Backbone(cfg.model.backbone, cfg.model.weights, cfg.storage)
     reference, normals = compute_reference(
-        data, cfg, size, lambda: reference_batches(data.train_normals, cfg, size, backbone,
-                                                   tc.batch_size))
-    cache = build_feature_cache(normals, banks, backbone, cfg, size)
-    head = PRNHead(cfg.model, backbone.channels, size, backbone.feature_sizes((size, size)))
+        data, cfg, geometry, lambda: reference_batches(data.train_normals, cfg, geometry,
+                                                       backbone, tc.batch_size))
+    cache = build_feature_cache(normals, banks, backbone, cfg, geometry)
+    head = PRNHead(cfg.model, backbone.channels, geometry.size,
+                   backbone.feature_sizes(geometry.size))
     head.set_reference(reference)
     trainer = HeadTrainer(head, cfg, torch.device("cpu"), data.epoch_rows(cfg), say=say)
     trainer.val = ValidationSet.from_batches(feature_batches(
-        validation_frame(data, banks, cfg), banks, cfg, size, backbone, tc.batch_size,
-        extra=("group",), validation=True))
+        validation_frame(data, banks, cfg), banks, cfg, geometry, backbone, tc.batch_size,
+        extra=VALIDATION_EXTRA, validation=True))
 
     plans = (plan_frame(data, cfg, range(epoch, epoch + 1)) for epoch in range(tc.epochs))
 
     def stream():
         for epoch in range(tc.epochs):
-            frame = streamed_rows(plan_frame(data, cfg, range(epoch, epoch + 1)))
-            yield from streamed_batches(frame, banks, cfg, size, backbone, tc.batch_size)
+            frame = streamed_rows(plan_frame(data, cfg, range(epoch, epoch + 1)), geometry.tiled)
+            yield from streamed_batches(frame, banks, cfg, geometry, backbone, tc.batch_size)
 
     trainer.fit(merge_batches(plans, cache, stream(), tc.batch_size), report=lambda row: None)
     return trainer, backbone

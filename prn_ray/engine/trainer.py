@@ -185,19 +185,19 @@ class HeadTrainer:
 
     def _validate_and_select(self, epoch: int, record: dict[str, Any]) -> None:
         state = self.state
-        vm, scores, labels = self.validate()
+        vm, scores, labels, groups = self.validate()
         score = selection_score(vm, self.cfg)
         vm["val_selection"] = score
         record.update(vm)
         if not math.isnan(score) and score > state.best_score:
             state.best_score, state.best_epoch, state.best_metrics = score, epoch, vm
-            state.calibration = calibrate(scores, labels, self.val.groups.numpy(), self.cfg)
+            state.calibration = calibrate(scores, labels, groups, self.cfg)
             self.best = cpu_tensors(self.head.state_dict())
             state.stale_validations = 0
         else:
             state.stale_validations += 1
 
-    def validate(self) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    def validate(self) -> tuple[dict[str, float], np.ndarray, np.ndarray, np.ndarray]:
         maps = predict_logits(self.head, self.val.features, self.cfg.train.batch_size, self.device,
                             self.precision)
         return validation_metrics(maps, self.val, self.cfg)

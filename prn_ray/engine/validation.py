@@ -16,35 +16,71 @@ from prn_ray import metrics
 from prn_ray.config import Config
 from prn_ray.contracts import FEATURE_COLUMNS, GROUP_NORMAL, GROUP_SYNTHETIC, REAL_GROUPS
 from prn_ray.engine.optim import autocast
-from prn_ray.model import image_score
-from prn_ray.model.prn import area_kernel
+from prn_ray.geometry import resolve
+from prn_ray.inference import ScoreRule, stitch_items
+from prn_ray.model.prn import area_kernel, image_score
+
+# What a validation view carries besides its features and mask (local and Ray paths alike):
+# its group, the validation image it belongs to, its grid index and that image's own size.
+VALIDATION_EXTRA = ("group", "item", "view", "orig_height", "orig_width")
 
 
 @dataclass
 class ValidationSet:
-    """Validation features held in worker memory (computed once by the feature actors)."""
+    """Validation views held in worker memory (features computed once). An image is one
+    ``item``: untiled, one view; tiled, every tile of a held-out normal or real defect, one
+    tile of a synthetic anomaly."""
 
     features: list[torch.Tensor]  # per level: N x C x H x W (float16/32)
-    masks: torch.Tensor  # N x S x S uint8
+    masks: torch.Tensor  # N x h x w uint8
     groups: torch.Tensor  # N int (GROUP_*)
+    items: torch.Tensor | None = None  # N: the image of each view (None: one view each)
+    views: torch.Tensor | None = None  # N: grid index
+    sizes: torch.Tensor | None = None  # N x 2: the image's own (height, width)
 
     @classmethod
     def from_batches(cls, batches: Iterable[dict[str, torch.Tensor]]) -> ValidationSet:
-        """From batches with ``feat0..3``, ``mask`` and ``group`` (e.g. a Ray Data shard's
-        ``iter_torch_batches``, or :func:`prn_ray.data.local.feature_batches`)."""
+        """From batches with ``feat0..3``, ``mask``, ``group`` and, where they are known,
+        ``item``, ``view``, ``orig_height``, ``orig_width`` (a Ray Data shard's batches, or
+        :func:`prn_ray.data.local.feature_batches`)."""
         feats: list[list[torch.Tensor]] = [[] for _ in FEATURE_COLUMNS]
-        masks, groups = [], []
+        cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("mask", *VALIDATION_EXTRA)}
         for batch in batches:
             for i, c in enumerate(FEATURE_COLUMNS):
                 feats[i].append(batch[c])
-            masks.append(batch["mask"])
-            groups.append(batch["group"])
-        if not masks:
+            for k in cols:
+                if k in batch:
+                    cols[k].append(torch.as_tensor(batch[k]))
+        if not cols["mask"]:
             raise RuntimeError("the validation set is empty: no readable held-out images")
-        return cls([torch.cat(f) for f in feats], torch.cat(masks), torch.cat(groups))
+        got = {k: torch.cat(v) if v else None for k, v in cols.items()}
+        sizes = (torch.stack([got["orig_height"], got["orig_width"]], 1)
+                 if got["orig_height"] is not None else None)
+        return cls([torch.cat(f) for f in feats], got["mask"], got["group"], got["item"],
+                   got["view"], sizes)
 
     def __len__(self) -> int:
         return int(self.masks.shape[0])
+
+    def image_scores(self, probs: torch.Tensor, cfg: Config
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(score, label, group) per validation image from the views' probability maps
+        (N x h x w): stitched as scoring stitches them, scored by the model's rule."""
+        geometry = resolve(cfg.data)
+        rule = ScoreRule(cfg.model.score, cfg.model.score_topk,
+                         area_kernel(tuple(probs.shape[-2:])))
+        masks = self.masks.numpy().reshape(len(self), -1).any(1)
+        groups = self.groups.numpy()
+        if self.items is None or not geometry.tiled:
+            scores = image_score(probs[:, None], rule.kind, rule.topk, rule.kernel).numpy()
+            return scores, masks, groups
+        items = self.items.numpy()
+        maps = stitch_items(probs.numpy(), items, self.views.numpy(),
+                            self.sizes[:, 0].numpy(), self.sizes[:, 1].numpy(), geometry, rule)
+        first = {m.item: int(np.flatnonzero(items == m.item)[0]) for m in maps}
+        labels = np.array([masks[items == m.item].any() for m in maps])
+        return (np.array([m.score for m in maps], np.float32), labels,
+                np.array([groups[first[m.item]] for m in maps]))
 
 
 @torch.no_grad()
@@ -68,37 +104,42 @@ def predict_logits(head: torch.nn.Module, features: list[torch.Tensor], batch_si
     return torch.cat(out)
 
 
+def subsets(groups: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows of each metric prefix: all, held-out normals + real defects (and their
+    extended copies), held-out normals + simulated anomalies."""
+    return {"val": np.ones(len(groups), bool),
+            "val_real": (groups == GROUP_NORMAL) | np.isin(groups, REAL_GROUPS),
+            "val_synth": (groups == GROUP_NORMAL) | (groups == GROUP_SYNTHETIC)}
+
+
 def validation_metrics(logits: torch.Tensor, val: ValidationSet, cfg: Config
-                       ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+                       ) -> tuple[dict[str, float], np.ndarray, np.ndarray, np.ndarray]:
     """Metrics on all validation images and on the real / synthetic subsets.
 
-    Returns (metrics, image scores, image labels). Keys: ``val_<metric>``,
+    Returns (metrics, and per validation image: score, label, group). Keys: ``val_<metric>``,
     ``val_real_<metric>`` (held-out normals + held-out real defects and their extended copies),
     ``val_synth_<metric>`` (held-out normals + simulated anomalies), for image_auroc,
     pixel_auroc, aupro and pixel_ap, plus ``val_real_mean`` / ``val_mean``, the mean of the
-    four (the default selection rule).
+    four (the default selection rule). Pixel metrics pool the views' pixels; image metrics
+    use the images' stitched scores.
     """
-    scores = image_score(torch.sigmoid(logits[:, None]), cfg.model.score, cfg.model.score_topk,
-                         area_kernel(tuple(logits.shape[-2:]))).numpy()
+    scores, labels, image_groups = val.image_scores(torch.sigmoid(logits), cfg)
     masks = val.masks.numpy().astype(bool)
-    groups = val.groups.numpy()
-    labels = masks.reshape(len(masks), -1).any(1)
     m = logits.numpy()  # pixel metrics rank pixels: logits rank them without sigmoid ties
     out: dict[str, float] = {}
-    real = np.isin(groups, REAL_GROUPS)
-    subsets = {"val": np.ones_like(labels),
-               "val_real": (groups == GROUP_NORMAL) | real,
-               "val_synth": (groups == GROUP_NORMAL) | (groups == GROUP_SYNTHETIC)}
-    for prefix, sel in subsets.items():
-        if not (sel & labels).any():
+    by_view, by_image = subsets(val.groups.numpy()), subsets(image_groups)
+    for prefix, sel in by_view.items():
+        img = by_image[prefix]
+        if not (img & labels).any():
             continue  # no anomaly in this subset (e.g. no held-out real defect)
         acc = metrics.PixelMetricAccumulator(fpr_limit=0.3)
-        acc.update(m[sel], masks[sel], scores=scores[sel], labels=labels[sel])
+        acc.update(m[sel], masks[sel])
+        acc.update(scores=scores[img], labels=labels[img])
         values = {k: float(v) for k, v in acc.compute().items()}
         out.update({f"{prefix}_{k}": v for k, v in values.items()})
         four = [values[k] for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")]
         out[f"{prefix}_mean"] = float(np.mean(four)) if not np.isnan(four).any() else math.nan
-    return out, scores, labels
+    return out, scores, labels, image_groups
 
 
 def calibrate(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, cfg: Config

@@ -114,11 +114,13 @@ def fit_prototypes(
     iters: int = 50,
     max_images: int | None = None,
     chunk: int | None = None,
+    n_images: int | None = None,
 ) -> list[Tensor]:
     """Per-scale prototypes from the normal images' feature maps.
 
-    ``features_per_scale[j]`` is N×C_j×H_j×W_j (float16 is fine). K is derived from the full N;
-    when N exceeds ``max_images`` the same seeded subsample of images is used at every scale.
+    ``features_per_scale[j]`` is N×C_j×H_j×W_j (float16 is fine). K is derived from
+    ``n_images`` (default the full N; tiles: N counts tiles, n_images images); when N exceeds
+    ``max_images`` the same seeded subsample of rows is used at every scale.
     Returns K×C_j×H_j×W_j float32 tensors.
     """
     if not features_per_scale:
@@ -126,7 +128,7 @@ def fit_prototypes(
     n = features_per_scale[0].shape[0]
     if any(f.shape[0] != n for f in features_per_scale):
         raise ValueError("every scale needs the same number of images")
-    k = num_prototypes(n, ratio)
+    k = min(n, num_prototypes(n if n_images is None else n_images, ratio))
     idx = None
     if max_images is not None and n > max_images:
         gen = torch.Generator().manual_seed(seed)

@@ -59,18 +59,23 @@ def standardize(features: Tensor, mean: Tensor, std: Tensor, chunk: int = 64) ->
                       for c in features.split(chunk)])
 
 
-def fit_reference(features: list[Tensor], cfg: ModelConfig, seed: int = 0) -> NormalReference:
+def fit_reference(features: list[Tensor], cfg: ModelConfig, seed: int = 0,
+                  n_images: int | None = None) -> NormalReference:
     """Fit statistics, prototypes and memory banks from the normal images' features.
 
-    ``features``: the four backbone levels, each N×C×H×W (float16 is fine). Prototypes are
-    fitted in the space the head compares in: standardised features when
-    ``cfg.standardize``, raw ones otherwise.
+    ``features``: the four backbone levels, each N×C×H×W (float16 is fine): one row per
+    view, ``n_images`` images (default N: one view each). Prototypes are fitted in the space
+    the head compares in: standardised features when ``cfg.standardize``, raw ones otherwise;
+    their number is ``prototype_ratio`` times the number of *images* (the paper's K / N), so a
+    tiled product keeps the model size of an untiled one while its prototypes are fitted on
+    (and cover) every tile position.
     """
     if len(features) != 4:
         raise ValueError(f"expected 4 feature levels, got {len(features)}")
     n = features[0].shape[0]
     if n < 1:
         raise ValueError("need at least one normal image to fit the reference")
+    n_images = n if n_images is None else n_images
     stats = [channel_stats(f) for f in features]
     means, stds = [m for m, _ in stats], [s for _, s in stats]
     prototypes: list[Tensor] = []
@@ -78,10 +83,11 @@ def fit_reference(features: list[Tensor], cfg: ModelConfig, seed: int = 0) -> No
         space = ([standardize(f, m, s) for f, m, s in zip(features[:3], means, stds)]
                  if cfg.standardize else features[:3])
         prototypes = fit_prototypes(space, cfg.prototype_ratio, seed=seed,
-                                    iters=cfg.kmeans_iters, max_images=cfg.prototype_max_images)
+                                    iters=cfg.kmeans_iters, max_images=cfg.prototype_max_images,
+                                    n_images=n_images)
     banks: list[Tensor] = []
     if cfg.residual_prior:
         lv = cfg.prior_levels
         banks = fit_banks([features[j] for j in lv], [means[j] for j in lv],
                           [stds[j] for j in lv], cfg.prior_bank_size, cfg.prior_pool, seed)
-    return NormalReference(means, stds, prototypes, banks, n)
+    return NormalReference(means, stds, prototypes, banks, n_images)

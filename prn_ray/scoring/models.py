@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from prn_ray import registry, storage
 from prn_ray.config import Config
+from prn_ray.geometry import Geometry
 from prn_ray.scoring.table import NO_MODEL
 
 
@@ -20,7 +21,7 @@ class ResolvedModel:
     version: str | None = None  # None: no usable model (see error)
     threshold: float | None = None  # the threshold applied (override, else calibrated)
     calibrated_threshold: float | None = None
-    image_size: int | None = None
+    geometry: Geometry | None = None  # how its images become the model's inputs
     error: str | None = None  # "no_model: <registry message>"
 
 
@@ -49,7 +50,7 @@ def resolve_models(cfg: Config, products: Iterable[str]) -> dict[str, ResolvedMo
     out = {}
     for product in products:
         try:
-            version, size, calibrated = registry.describe(cfg.storage, product,
+            version, geometry, calibrated = registry.describe(cfg.storage, product,
                                                           pins.get(product, everywhere))
         except Exception as exc:  # noqa: BLE001 - RegistryError, or unreadable files
             msg = str(exc) if isinstance(exc, registry.RegistryError) else \
@@ -57,5 +58,5 @@ def resolve_models(cfg: Config, products: Iterable[str]) -> dict[str, ResolvedMo
             out[product] = ResolvedModel(product, error=storage.redact(f"{NO_MODEL}: {msg}"))
             continue
         threshold = cfg.score.threshold if cfg.score.threshold is not None else calibrated
-        out[product] = ResolvedModel(product, version, float(threshold), calibrated, size)
+        out[product] = ResolvedModel(product, version, float(threshold), calibrated, geometry)
     return out

@@ -82,14 +82,15 @@ class ScoringProgress:
 def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedModel],
                   pidx: dict[str, int], tally=None,
                   on_scored: Callable[[dict[str, int]], None] | None = None):
-    """The Ray Data plan: images decoded at each product's model size, an actor pool of
+    """The Ray Data plan: images decoded and cut by each product's geometry, an actor pool of
     scorers; rows of products without a model become error rows without being read. Output:
     staging schema. ``tally``: a :class:`~prn_ray.data.ray_data.RunTally` counting the
     retried storage requests of the reads; ``on_scored`` is passed to every scorer actor
     (:class:`ScoringProgress`).
 
     Where the decode runs depends on the cluster. With GPUs, CPU tasks decode while the
-    GPU actors score. On a CPU-only cluster the scorer decodes its own batches: decode tasks
+    GPU actors score (untiled products: one view per image). On a CPU-only cluster the
+    scorer decodes its own batches: decode tasks
     beside it would take cores from its torch threads, which wait for each other at every
     layer, so one descheduled thread stalls the whole forward pass (measured on 2 cores by
     ``benchmarks/score_throughput.py``)."""
@@ -97,13 +98,15 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
     gpus = ray.cluster_resources().get("GPU", 0) if cluster_has_gpu() else 0
     has_model = frame["product"].map(lambda p: models[p].version is not None)
     scored = frame[has_model]
+    # Tiled products' images become a varying number of tiles each: the scorer cuts them.
+    upstream = gpus and not any(models[p].geometry.tiled for p in scored["product"].unique())
     out = []
     if len(scored):
-        if gpus:
+        if upstream:
             # decode adds its own error column
             parts = [decode_stage(frame_dataset(rows[["product", "image_uri"]]
                                                 .reset_index(drop=True), cfg), cfg,
-                                  int(models[product].image_size), tally)
+                                  models[product].geometry, tally)
                      .map_batches(after_decode, batch_format="numpy",
                                   num_cpus=cfg.data.task_cpus)
                      for product, rows in scored.groupby("product", sort=True)]
@@ -119,9 +122,9 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
             fn_constructor_kwargs={
                 "models": models, "storage_cfg": cfg.storage, "pidx": pidx,
                 "threads": threads, "use_gpu": gpus > 0,
-                "data_cfg": None if gpus else cfg.data,
+                "data_cfg": None if upstream else cfg.data,
                 "on_retries": TallyReporter(tally) if tally is not None else None,
-                "on_scored": on_scored,
+                "on_scored": on_scored, "batch_size": sc.batch_size,
             },
             # Several calls per actor: the next batch is read and decoded while others are in
             # the model (the scorer bounds its forward passes itself).

@@ -135,7 +135,7 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
         per[p] = ProductSummary(p, m.version, m.threshold,
                                 images=int((frame["product"] == p).sum()), error=m.error)
         if m.version:
-            detail(p, f"model {m.version} (image size {m.image_size}, "
+            detail(p, f"model {m.version} ({m.geometry.describe()}, "
                       f"threshold {m.threshold:.4f})")
         else:
             say(p, m.error or NO_MODEL)

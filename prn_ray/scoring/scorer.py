@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from prn_ray import images, storage
 from prn_ray.config import DataConfig, StorageConfig
+from prn_ray.inference import ScoreRule, in_batches, stitch_items
 from prn_ray.scoring.models import ResolvedModel
 from prn_ray.scoring.table import NO_MODEL, SCORING_FAILED, map_to_png, score_table
 
@@ -57,9 +58,11 @@ class Scorer:
     """Callable over batches of rows (``product``, ``image_uri``); a batch may mix products (and
     therefore image sizes). Output: a pyarrow table in the staging schema.
 
-    With ``data_cfg`` the scorer reads and decodes each product's images itself, at that
-    product's model size (:func:`prn_ray.images.decode_batch`); without it the rows arrive
-    decoded (``image``, ``orig_height``/``orig_width``, ``error``) by tasks upstream.
+    With ``data_cfg`` the scorer reads and decodes each product's images itself and cuts them
+    into views by that product's geometry (:func:`prn_ray.images.decode_batch`); without it
+    the rows arrive decoded (``image``, ``orig_height``/``orig_width``, ``error``: one
+    whole-image view each) by tasks upstream. Views run through the model ``batch_size`` at a
+    time and their maps come back stitched (:mod:`prn_ray.inference`).
     ``on_retries(n)`` is told the storage requests retried since its last call (model loads
     included); ``on_scored`` how many rows of each product it finished (the run's progress
     lines, :class:`prn_ray.scoring.plan.ScoringProgress`).
@@ -73,7 +76,8 @@ class Scorer:
                  pidx: dict[str, int], threads: int = 1, use_gpu: bool = False,
                  data_cfg: DataConfig | None = None,
                  on_retries: Callable[[int], None] | None = None,
-                 on_scored: Callable[[dict[str, int]], None] | None = None):
+                 on_scored: Callable[[dict[str, int]], None] | None = None,
+                 batch_size: int = 16):
         from prn_ray.runner import RegisteredModels
 
         streams = model_streams(threads, use_gpu)
@@ -86,6 +90,7 @@ class Scorer:
         self.data_cfg = data_cfg
         self.on_retries = on_retries
         self.on_scored = on_scored
+        self.batch_size = batch_size  # views per forward pass (a tiled image is several)
         self._failed: dict[tuple[str, str], str] = {}  # (product, version) -> why it won't load
         self._loading = threading.Lock()
         self._tally = threading.Lock()
@@ -111,15 +116,18 @@ class Scorer:
                 return None, self._failed[key]
 
     def _decoded(self, batch: dict[str, np.ndarray], idx: np.ndarray, product: str):
-        """(images S×S×3, original heights, widths, errors) of the rows ``idx``."""
-        if self.data_cfg is None:
+        """The views of the rows ``idx``: (pixels V x h x w x 3, grid index V, the row of
+        ``idx`` each came from V, original heights V, widths V, errors V)."""
+        if self.data_cfg is None:  # decoded upstream: one whole-image view per row
             return (np.stack([np.asarray(batch["image"][i]) for i in idx]),
+                    np.zeros(len(idx), np.int64), np.arange(len(idx)),
                     batch["orig_height"][idx], batch["orig_width"][idx], batch["error"][idx])
         uris = np.asarray([str(batch["image_uri"][i]) for i in idx], dtype=object)
-        out = images.decode_batch({"image_uri": uris}, storage_cfg=self.storage_cfg,
-                                  data_cfg=self.data_cfg,
-                                  image_size=int(self.models[product].image_size))
-        return out["image"], out["orig_height"], out["orig_width"], out["error"]
+        out = images.decode_batch({"image_uri": uris, "item": np.arange(len(idx))},
+                                  storage_cfg=self.storage_cfg, data_cfg=self.data_cfg,
+                                  geometry=self.models[product].geometry)
+        return (out["image"], out["view"], out["item"], out["orig_height"], out["orig_width"],
+                out["error"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         table = self._score(batch)
@@ -151,31 +159,31 @@ class Scorer:
                 for i in idx:
                     errors[i] = err
                 continue
-            pixels, oh, ow, decode_errors = self._decoded(batch, idx, product)
+            pixels, views, rows, oh, ow, decode_errors = self._decoded(batch, idx, product)
             ok = images.error_free(decode_errors)
             for j in np.nonzero(~ok)[0]:
-                errors[idx[j]] = str(decode_errors[j])
-            good = np.nonzero(ok)[0]
-            if len(good) == 0:
+                errors[idx[rows[j]]] = str(decode_errors[j])
+            if not ok.any():
                 continue
             try:
                 with self._compute:
-                    out, _ = self.runner.run(model, pixels[good])
-                    probs = out.anomaly_map[:, 0].float().cpu().numpy()
-                    scores = out.score.float().cpu().numpy()
-                for j, g in enumerate(good):
-                    i = idx[g]
-                    if not np.isfinite(scores[j]):
+                    probs, _ = in_batches(lambda v: self.runner.probabilities(model, v),
+                                          pixels[ok], self.batch_size)
+                for m in stitch_items(probs, rows[ok], views[ok], oh[ok], ow[ok],
+                                      self.models[product].geometry, ScoreRule.of(model)):
+                    i = idx[m.item]
+                    if not np.isfinite(m.score):
                         errors[i] = f"{SCORING_FAILED}: the model returned a non-finite score"
                         continue
-                    h, w = int(oh[g]), int(ow[g])
-                    maps[i] = map_to_png(probs[j], h, w)
+                    first = np.flatnonzero(rows == m.item)[0]
+                    h, w = int(oh[first]), int(ow[first])
+                    maps[i] = map_to_png(m.amap, h, w)
                     heights[i], widths[i] = h, w
-                    score[i] = scores[j]
+                    score[i] = m.score
             except Exception as exc:  # noqa: BLE001 - the rows say why, the run goes on
                 msg = storage.redact(f"{SCORING_FAILED}: {type(exc).__name__}: {exc}")
-                for g in good:
-                    errors[idx[g]] = msg
+                for r in set(int(r) for r in rows[ok]):
+                    errors[idx[r]] = msg
         return score_table(products.tolist(), uris, errors, self.models, self.pidx, now,
                            scores=score, maps=maps, heights=heights, widths=widths)
 

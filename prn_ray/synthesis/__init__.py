@@ -142,8 +142,8 @@ class Synthesizer:
 
     Args:
         cfg: the synthesis section.
-        image_size: working size S; banks are resized to S x S once here (rows of another size
-            are handled too, by resizing the source per row).
+        image_size: working size S or (h, w); banks are resized to it once here (rows of
+            another size are handled too, by resizing the source per row).
         textures: texture bank ``T x S x S x 3`` uint8 (e.g. :func:`load_texture_bank`); ``None``
             -> 16 seeded procedural textures.
         seen: seen defects ``[(image H x W x 3 uint8, mask H x W {0,1}), ...]`` at the working
@@ -167,7 +167,7 @@ class Synthesizer:
     def __init__(
         self,
         cfg: SynthesisConfig,
-        image_size: int,
+        image_size: int | Sequence[int],
         textures: np.ndarray | None = None,
         seen: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
         heterologous: np.ndarray | None = None,
@@ -175,12 +175,13 @@ class Synthesizer:
         annotate: bool = False,
     ) -> None:
         self.cfg = cfg
-        self.image_size = int(image_size)
-        s = self.image_size
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.image_size = (int(h), int(w))
+        s = max(self.image_size)
         if textures is None or len(textures) == 0:
             rng = np.random.Generator(np.random.PCG64(0))
             textures = np.stack(procedural_textures(16, s, rng))
-        self.textures = ensure_bank_size(np.asarray(textures, dtype=np.uint8), s, s)
+        self.textures = ensure_bank_size(np.asarray(textures, dtype=np.uint8), *self.image_size)
         self.seen = [
             (np.asarray(i, dtype=np.uint8), (np.asarray(m) > 0).astype(np.uint8))
             for i, m in seen or []

@@ -18,7 +18,7 @@ import ray
 from prn_ray import registry, storage
 from prn_ray.config import Config
 from prn_ray.console import detail, progress
-from prn_ray.data.product import ProductData
+from prn_ray.data.product import ProductData, image_sizes, product_geometry
 from prn_ray.data.ray_training_data import reference_dataset, train_dataset, validation_dataset
 from prn_ray.data.stages import build_banks
 from prn_ray.engine.reference import build_feature_cache, compute_reference, describe
@@ -69,22 +69,25 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
     result = ProductResult(product=product, status="failed", start=t0)
     quiet_ray_data()  # this runs in a trial's process: its datasets take this context along
     try:
-        tc, size = cfg.train, cfg.data.image_size
         data = ProductData.from_catalog(catalog, product)
+        cfg, geometry = product_geometry(cfg, data.train_normals)
+        tc = cfg.train
         counts = (f"{len(data.train_normals)} train normals, {len(data.seen)} seen anomalies, "
                   f"{len(data.val)} validation images")
         detail(product, counts)
-        banks = build_banks(data, others or {}, cfg, size)
+        sample = image_sizes(data.train_normals[:1], cfg)
+        progress(product, "input: " + geometry.describe(*(sample[0] if sample else ())))
+        banks = build_banks(data, others or {}, cfg, geometry)
         t_ref = time.time()
         # Batches of the feature actor's size: the pass's progress line moves as they come.
         reference, normals = compute_reference(
-            data, cfg, size, lambda: reference_dataset(data, cfg, size).iter_batches(
+            data, cfg, geometry, lambda: reference_dataset(data, cfg, geometry).iter_batches(
                 batch_size=tc.feature_batch_size, batch_format="numpy"))
         if data.quarantine:
             progress(product, f"quarantined {len(data.quarantine)} unreadable image(s)")
         progress(product, f"{counts}; {describe(reference)} ({time.time() - t_ref:.0f}s)")
         backbone = Backbone(cfg.model.backbone, cfg.model.weights, cfg.storage)
-        features = build_feature_cache(normals, banks, backbone, cfg, size)
+        features = build_feature_cache(normals, banks, backbone, cfg, geometry)
         del normals
         run_name = f"{run_id}-{product}"
         fs, path = storage_filesystem(cfg, cfg.storage.runs_uri)
@@ -95,10 +98,11 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
         def stream(rank: int):
             # Called by Ray Train at every (re)start of the worker group; the epochs the
             # worker's checkpoint already covers expand to nothing (see train_dataset).
-            return lambda: train_dataset(data, banks, cfg, size, run_uri, rank, tc.num_workers)
+            return lambda: train_dataset(data, banks, cfg, geometry, run_uri, rank,
+                                         tc.num_workers)
 
         args = WorkerArgs(cfg=cfg, data=data, channels=backbone.channels,
-                          feature_sizes=backbone.feature_sizes((size, size)), image_size=size,
+                          feature_sizes=backbone.feature_sizes(geometry.size), geometry=geometry,
                           reference=ray.put(reference), features=ray.put(features),
                           run_uri=run_uri)
         del features
@@ -116,7 +120,7 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
                 callbacks=callbacks,
                 logging_config=train_logging(),
             ),
-            datasets={"val": validation_dataset(data, banks, cfg, size),
+            datasets={"val": validation_dataset(data, banks, cfg, geometry),
                       **{train_dataset_name(r): stream(r) for r in range(tc.num_workers)}},
             # Nothing is split: each worker reads its own stream, and with one worker no split
             # coordinator sits between the stream and the trainer.
@@ -133,7 +137,7 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
         if fit.checkpoint is None:
             raise RuntimeError(f"training produced no checkpoint ({fit.error})")
         with fit.checkpoint.as_directory() as d:
-            head = PRNHead(cfg.model, args.channels, size, args.feature_sizes)
+            head = PRNHead(cfg.model, args.channels, geometry.size, args.feature_sizes)
             state, best = load_checkpoint(d, head, None)
         if best is None or state.calibration is None:
             raise RuntimeError("no validation result was ever better than nothing "
@@ -142,7 +146,7 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
         if publish:
             version = registry.publish(
                 cfg, product, head_state=best, backbone_state=backbone.state_dict(),
-                image_size=size, calibration=state.calibration,
+                geometry=geometry, calibration=state.calibration,
                 metrics={"validation": state.best_metrics, "best_epoch": state.best_epoch,
                          "epochs": state.epoch + 1, "steps": state.step,
                          "history": state.history, "restarts": state.restarts,

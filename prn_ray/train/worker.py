@@ -27,6 +27,7 @@ from prn_ray.data.stages import FeatureExtractor, shard_plan
 from prn_ray.engine.state import write_progress
 from prn_ray.engine.trainer import HeadTrainer
 from prn_ray.engine.validation import ValidationSet
+from prn_ray.geometry import Geometry
 from prn_ray.model import PRNHead
 from prn_ray.runtime import quiet_train_worker
 
@@ -37,7 +38,7 @@ class WorkerArgs:
     data: ProductData  # the plan's images (after the reference pass's quarantine)
     channels: list[int]
     feature_sizes: list[tuple[int, int]]
-    image_size: int
+    geometry: Geometry  # the product's (cfg has it pinned)
     reference: Any  # ObjectRef of the product's NormalReference (fitted once, on the driver)
     features: Any  # ObjectRef of its FeatureCache (the rows every epoch repeats)
     run_uri: str  # where the resume point lives
@@ -66,7 +67,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     say = (lambda msg: progress(product, msg)) if rank == 0 else (lambda msg: None)
     say_detail = (lambda msg: detail(product, msg)) if rank == 0 else (lambda msg: None)
 
-    head = PRNHead(cfg.model, args.channels, args.image_size, args.feature_sizes)
+    head = PRNHead(cfg.model, args.channels, args.geometry.size, args.feature_sizes)
     head.set_reference(ray.get(args.reference))
     trainer = HeadTrainer(head, cfg, device, args.data.epoch_rows(cfg), world, say, say_detail)
     checkpoint = ray.train.get_checkpoint()
@@ -85,7 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.distributed.barrier()  # no rank reads its stream before the point is recorded
         trainer.model = ray.train.torch.prepare_model(trainer.head)
     # The backbone on the step's threads, between steps (train.features_in: trainer).
-    extract = (FeatureExtractor(cfg.model, cfg.storage, args.image_size, threads)
+    extract = (FeatureExtractor(cfg.model, cfg.storage, args.geometry.size, threads)
                if tc.features_in == "trainer" else None)
     val = ray.train.get_dataset_shard("val").iter_batches(batch_size=64, batch_format="numpy")
     trainer.val = ValidationSet.from_batches(
@@ -93,7 +94,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cache = ray.get(args.features)
     say_detail(f"training: {trainer.epoch_rows} samples/epoch ({cache.nbytes / 2**20:.0f} MiB of "
         f"cached features), {trainer.steps_per_epoch} steps/epoch, budget "
-        f"{trainer.total_steps} steps, {len(trainer.val)} validation images, "
+        f"{trainer.total_steps} steps, {len(trainer.val)} validation views, "
         f"{device} {trainer.precision}, streamed rows' features in the "
         f"{'worker' if extract is not None else 'actor pool'}")
 

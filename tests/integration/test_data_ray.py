@@ -15,6 +15,7 @@ from prn_ray.data.product import ProductData
 from prn_ray.data.ray_training_data import TRAIN_COLUMNS, train_dataset
 from prn_ray.data.stages import FeatureExtractor, build_banks
 from prn_ray.demo_data import make_dataset
+from prn_ray.geometry import Geometry
 from prn_ray.images import decode_batch, error_free
 from prn_ray.train.worker import with_features
 
@@ -34,7 +35,7 @@ def test_decode_batch_in_ray_data_from_s3(ray_local, s3_bucket):
         rows.append({"image_uri": uri, "expected": reason or ""})
     ds = ray.data.from_items(rows).map_batches(
         decode_batch,
-        fn_kwargs={"storage_cfg": cfg, "data_cfg": DataConfig(), "image_size": 32},
+        fn_kwargs={"storage_cfg": cfg, "data_cfg": DataConfig(), "geometry": 32},
         batch_format="numpy",
         batch_size=4,
     )
@@ -62,8 +63,8 @@ def test_features_in_the_trainer_equal_the_actor_pools(ray_local, tmp_path):
                                  f"train.features_in={mode}", "train.epochs=3"])
         catalog = build_catalog(cfg).df
         data = ProductData.from_catalog(catalog[catalog["split"] != "test"], "fabric")
-        banks = build_banks(data, {}, cfg, 64)
-        ds = train_dataset(data, banks, cfg, 64, f"{tmp_path}/runs/{mode}")
+        banks = build_banks(data, {}, cfg, Geometry((64, 64)))
+        ds = train_dataset(data, banks, cfg, Geometry((64, 64)), f"{tmp_path}/runs/{mode}")
         batches = ds.iter_batches(batch_size=8, batch_format="numpy")
         extract = (FeatureExtractor(cfg.model, cfg.storage, 64, threads=torch.get_num_threads())
                    if mode == "trainer" else None)

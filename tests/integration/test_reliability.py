@@ -27,6 +27,7 @@ from prn_ray.config import load_config
 from prn_ray.data.catalog import build_catalog
 from prn_ray.demo_data import make_dataset, render
 from prn_ray.engine.local import train_local
+from prn_ray.geometry import Geometry
 from prn_ray.images import encode_png
 from prn_ray.scoring import lease as sc_lease
 from prn_ray.scoring import run as sc_run
@@ -48,7 +49,7 @@ def world(s3_endpoint, ray_local):
                              "train.epochs=1"])
     trainer, backbone = train_local(cfg, build_catalog(cfg).df, "fabric")
     registry.publish(cfg, "fabric", head_state=trainer.best,
-                     backbone_state=backbone.state_dict(), image_size=64,
+                     backbone_state=backbone.state_dict(), geometry=Geometry((64, 64)),
                      calibration=trainer.state.calibration, metrics={})
     images = {}
     for i in range(20):

@@ -39,6 +39,7 @@ from prn_ray.config import StorageConfig, load_config
 from prn_ray.data.catalog import build_catalog
 from prn_ray.demo_data import make_dataset, render
 from prn_ray.engine.local import train_local
+from prn_ray.geometry import Geometry, as_size
 from prn_ray.images import decode_batch, encode_png, image_size_from_header
 from prn_ray.scoring import commit as sc_commit
 from prn_ray.scoring import models as sc_models
@@ -58,7 +59,7 @@ def _publish(cfg, product: str) -> str:
     trainer, backbone = train_local(cfg, build_catalog(cfg).df, product)
     return registry.publish(cfg, product, head_state=trainer.best,
                             backbone_state=backbone.state_dict(),
-                            image_size=cfg.data.image_size,
+                            geometry=Geometry(as_size(cfg.data.image_size)),
                             calibration=trainer.state.calibration,
                             metrics={"note": "tests/test_scoring.py"})
 
@@ -500,10 +501,10 @@ def test_scorer_decoding_its_own_batches_matches_decoded_input(world):
     a = self_decoding(dict(rows)).to_pylist()
     decoded = {k: [] for k in ("image", "orig_height", "orig_width", "error")}
     for p, u in zip(rows["product"], uris):  # the task path: per product at its model size
-        size = models[p].image_size or cfg.data.image_size
+        geometry = models[p].geometry or cfg.data.image_size
         one = sc_scorer.after_decode(decode_batch({"image_uri": np.array([u], dtype=object)},
                                                   storage_cfg=scfg, data_cfg=cfg.data,
-                                                  image_size=int(size)))
+                                                  geometry=geometry))
         for k in decoded:
             decoded[k].append(one[k][0])
     image_col = np.empty(len(uris), dtype=object)

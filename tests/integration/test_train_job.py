@@ -201,7 +201,8 @@ def test_registry_layout_and_loading(trained):
         assert names == set(registry.REQUIRED_FILES)
         assert registry.list_versions(cfg.storage, product) == [version]
         mv = registry.load(cfg.storage, product)
-        assert mv.version == version and mv.image_size == 64
+        assert mv.version == version and mv.image_size == (64, 64)
+        assert not mv.geometry.tiled
         assert mv.calibration["rule"] in ("f1", "fpr") and np.isfinite(mv.threshold)
         assert mv.metrics["epochs"] == cfg.train.epochs
         # epoch -1: the untrained head, validated before the first step
@@ -220,7 +221,7 @@ def test_registry_layout_and_loading(trained):
     mv = registry.load(cfg.storage, "fabric")
     with pytest.raises(registry.RegistryError, match="immutable"):
         registry.publish(cfg, "fabric", head_state=mv.head_state, backbone_state=mv.backbone_state,
-                         image_size=64, calibration=mv.calibration, metrics={},
+                         geometry=mv.geometry, calibration=mv.calibration, metrics={},
                          version=mv.version)
 
 

@@ -101,7 +101,7 @@ def test_catalog_masks_decode_to_right_shapes(root):
     df = scan_mvtec(root)
     rows = pd.concat([df[df["label"] == "anomaly"].head(4), df[df["label"] == "normal"].head(2)])
     batch = {c: rows[c].to_numpy(dtype=object) for c in COLUMNS}
-    out = decode_batch(batch, storage_cfg=StorageConfig(), data_cfg=DataConfig(), image_size=32)
+    out = decode_batch(batch, storage_cfg=StorageConfig(), data_cfg=DataConfig(), geometry=32)
     assert list(out["error"]) == [None] * 6, out["error"]
     assert out["image"].shape == (6, 32, 32, 3) and out["image"].dtype == np.uint8
     assert out["mask"].shape == (6, 32, 32) and out["mask"].dtype == np.uint8
@@ -472,7 +472,7 @@ def test_magnetic_tile_paired_manifest(tmp_path):
     # masks of a few anomalies decode against their images (soft edges binarised)
     rows = cat.anomalies("magnetic_tile", "test").head(4)
     batch = {c: rows[c].to_numpy(dtype=object) for c in COLUMNS}
-    out = decode_batch(batch, data_cfg=DataConfig(), image_size=64)
+    out = decode_batch(batch, data_cfg=DataConfig(), geometry=64)
     assert list(out["error"]) == [None] * 4
     assert out["mask"].max() == 1
 

@@ -14,16 +14,19 @@ from helpers import TINY
 from prn_ray.config import load_config
 from prn_ray.contracts import FEATURE_COLUMNS
 from prn_ray.data.catalog import build_catalog
-from prn_ray.data.feature_cache import CACHED_KINDS, FeatureCache, merge_batches, streamed_rows
+from prn_ray.data.feature_cache import FeatureCache, cached_kinds, merge_batches, streamed_rows
 from prn_ray.data.local import feature_batches, reference_batches, streamed_batches
 from prn_ray.data.product import ProductData
 from prn_ray.data.stages import build_banks, plan_frame
 from prn_ray.demo_data import make_dataset
 from prn_ray.engine.reference import build_feature_cache, fit_from_batches
+from prn_ray.geometry import Geometry
 from prn_ray.model import Backbone
 
 pytestmark = pytest.mark.timeout(300)
 PRODUCT = "fabric"
+G = Geometry((64, 64))
+CACHED_KINDS = cached_kinds(False)
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +38,11 @@ def setup(tmp_path_factory):
     cfg = load_config(TINY, [f"data.root={root}", f"storage.runs_uri={root}/runs",
                              "train.batch_size=4", "train.prototype_cache=false"])
     data = ProductData.from_catalog(build_catalog(cfg).df, PRODUCT)
-    banks = build_banks(data, {}, cfg, 64)
+    banks = build_banks(data, {}, cfg, G)
     backbone = Backbone(cfg.model.backbone, "none").eval()
     _, _, normals = fit_from_batches(data, cfg, reference_batches(
-        data.train_normals, cfg, 64, backbone, 5))
-    cache = build_feature_cache(normals, banks, backbone, cfg, 64)
+        data.train_normals, cfg, G, backbone, 5))
+    cache = build_feature_cache(normals, banks, backbone, cfg, G)
     return cfg, data, banks, backbone, cache
 
 
@@ -48,7 +51,7 @@ def test_plan_positions_and_streamed_rows(setup):
     plan = plan_frame(data, cfg, range(0, 2))
     for _, epoch in plan.groupby("epoch"):
         assert epoch["pos"].tolist() == list(range(len(epoch)))
-    streamed = streamed_rows(plan)
+    streamed = streamed_rows(plan, False)
     assert not streamed["kind"].isin(CACHED_KINDS).any()
     assert len(streamed) == (~plan["kind"].isin(CACHED_KINDS)).sum() > 0
     normals = plan[plan["kind"] == "normal"]
@@ -58,9 +61,9 @@ def test_plan_positions_and_streamed_rows(setup):
 def test_merged_batches_equal_full_stream(setup):
     cfg, data, banks, backbone, cache = setup
     plan = plan_frame(data, cfg, range(0, 2))
-    full = list(feature_batches(plan, banks, cfg, 64, backbone, 4, extra=("epoch",),
+    full = list(feature_batches(plan, banks, cfg, G, backbone, 4, extra=("epoch",),
                                 drop_last=True))
-    stream = list(streamed_batches(streamed_rows(plan), banks, cfg, 64, backbone, 3))
+    stream = list(streamed_batches(streamed_rows(plan, False), banks, cfg, G, backbone, 3))
     stream.reverse()  # a stream delivers blocks in any order
     merged = list(merge_batches(plan, cache, stream, 4))
     assert len(merged) == len(full) == len(plan) // 4
@@ -75,7 +78,7 @@ def test_merged_batches_equal_full_stream(setup):
 def test_failed_streamed_row_is_skipped_and_a_short_stream_is_an_error(setup):
     cfg, data, banks, backbone, cache = setup
     plan = plan_frame(data, cfg, range(0, 1))
-    stream = list(streamed_batches(streamed_rows(plan), banks, cfg, 64, backbone, 64))
+    stream = list(streamed_batches(streamed_rows(plan, False), banks, cfg, G, backbone, 64))
     assert len(stream) == 1
     stream[0]["error"] = stream[0]["error"].copy()
     stream[0]["error"][0] = "decode failed"

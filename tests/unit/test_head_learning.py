@@ -31,7 +31,7 @@ def _decode(paths: list[str], masks: list[str] | None = None) -> dict[str, np.nd
 
     batch = {"image_uri": np.array(paths, dtype=object),
              "mask_uri": np.array(masks or [""] * len(paths), dtype=object)}
-    out = decode_batch(batch, data_cfg=DataConfig(), image_size=SIZE)
+    out = decode_batch(batch, data_cfg=DataConfig(), geometry=SIZE)
     assert all(not e for e in out["error"]), out["error"]
     return out
 

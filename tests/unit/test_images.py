@@ -276,7 +276,7 @@ def test_decode_batch_on_s3_bad_inputs_become_error_rows(s3_bucket):
         "row_id": np.arange(n),
     }
     t0 = time.perf_counter()
-    out = decode_batch(batch, storage_cfg=cfg, data_cfg=DataConfig(), image_size=32)
+    out = decode_batch(batch, storage_cfg=cfg, data_cfg=DataConfig(), geometry=32)
     assert time.perf_counter() - t0 < 20
     assert out["image"].shape == (n, 32, 32, 3) and out["image"].dtype == np.uint8
     assert out["mask"].shape == (n, 32, 32) and out["mask"].dtype == np.uint8
@@ -312,12 +312,12 @@ def test_decode_batch_without_masks_for_scoring(tmp_path):
         p.write_bytes(data)
         paths.append(str(p))
     out = decode_batch(
-        {"image_uri": np.array(paths)}, storage_cfg=None, data_cfg=DataConfig(), image_size=24
+        {"image_uri": np.array(paths)}, storage_cfg=None, data_cfg=DataConfig(), geometry=24
     )
     assert out["mask"].shape == (6, 24, 24) and not out["mask"].any()
     assert [e.split(":")[0] if e else None for e in out["error"]] == [None] * 5 + ["empty_file"]
     empty = decode_batch({"image_uri": np.array([], dtype=object)}, data_cfg=DataConfig(),
-                         image_size=24)
+                         geometry=24)
     assert empty["image"].shape == (0, 24, 24, 3) and len(empty["error"]) == 0
 
 
@@ -330,6 +330,6 @@ def test_unreadable_storage_error_is_redacted(monkeypatch, tmp_path):
 
     monkeypatch.setattr(storage, "read_bytes", boom)
     out = decode_batch({"image_uri": np.array(["s3://b/x.png"], dtype=object)},
-                       data_cfg=DataConfig(), image_size=16)
+                       data_cfg=DataConfig(), geometry=16)
     assert out["error"][0].startswith("unreadable: ")
     assert secret not in out["error"][0]

@@ -12,6 +12,7 @@ from helpers import TINY, job_main
 from prn_ray import registry
 from prn_ray.cli import run_job
 from prn_ray.config import load_config
+from prn_ray.geometry import Geometry
 
 PUBLISHED = {  # product -> [(version, threshold, validation metrics)], oldest first
     "fabric": [("v20261101-080000-aaaaaa", 0.41, {"val_selection": 0.70, "val_real_aupro": 0.61}),
@@ -32,7 +33,7 @@ def models_uri(tmp_path_factory):
                                  f"train.selection_metric={metric}"])
         for version, threshold, val in versions:
             registry.publish(cfg, product, head_state={"w": torch.zeros(1)},
-                             backbone_state={"w": torch.zeros(1)}, image_size=64,
+                             backbone_state={"w": torch.zeros(1)}, geometry=Geometry((64, 64)),
                              calibration={"threshold": threshold},
                              metrics={"validation": {**val, "val_synth_aupro": 0.1}},
                              version=version)

@@ -21,18 +21,20 @@ from prn_ray.data.local import reference_batches
 from prn_ray.data.product import ProductData
 from prn_ray.demo_data import make_dataset
 from prn_ray.engine.reference import cache_uri, compute_reference
+from prn_ray.geometry import Geometry
 from prn_ray.model import Backbone
 from prn_ray.model.reference import NormalReference
 
 
 def fit(data: ProductData, cfg: Config) -> NormalReference:
     backbone = Backbone(cfg.model.backbone, cfg.model.weights)
-    ref, feats = compute_reference(data, cfg, 64, lambda: reference_batches(
-        data.train_normals, cfg, 64, backbone, 4))
+    ref, feats = compute_reference(data, cfg, G, lambda: reference_batches(
+        data.train_normals, cfg, G, backbone, 4))
     assert [len(f) for f in feats] == [len(data.train_normals)] * 4  # hit or miss alike
     return ref
 
 pytestmark = pytest.mark.timeout(600)
+G = Geometry((64, 64))
 
 
 def test_reference_is_cached_by_content_and_settings(s3_bucket):
@@ -55,7 +57,7 @@ def test_reference_is_cached_by_content_and_settings(s3_bucket):
     assert ref.n_normal == len(first.train_normals) and ref.prototypes and ref.banks
     assert len(ref.means) == len(ref.stds) == 4
     assert bad_uri in {q["image_uri"] for q in first.quarantine}
-    cache = cache_uri(product(), cfg, 64)
+    cache = cache_uri(product(), cfg, G)
     assert storage.exists(cache, cfg.storage)
     assert storage.exists(cache.replace(".safetensors", ".features.safetensors"), cfg.storage)
 
@@ -80,16 +82,16 @@ def test_reference_is_cached_by_content_and_settings(s3_bucket):
     # Other settings, or a rewritten normal image, are a different key: fitted afresh.
     for key, value in [("model.prototype_ratio", 0.5), ("model.prior_bank_size", 32),
                        ("model.standardize", False)]:
-        assert cache_uri(product(), cfg.replace({key: value}), 64) != cache, key
+        assert cache_uri(product(), cfg.replace({key: value}), G) != cache, key
     good = next(u for u in product().train_normals if u != bad_uri)
     storage.write_bytes(good, storage.read_bytes(good) + b"\0")  # rewritten (PNG + 1 byte)
-    assert cache_uri(product(), cfg, 64) != cache
+    assert cache_uri(product(), cfg, G) != cache
     assert same(fit(product(), cfg), ref)  # same pixels, same reference
 
     # Switched off, or random weights: always fitted, the cache never read.
     for off in (cfg.replace({"train.prototype_cache": False}),
                 cfg.replace({"model.weights": "none"})):
-        storage.write_bytes(cache_uri(product(), off, 64), b"garbage, never read")
+        storage.write_bytes(cache_uri(product(), off, G), b"garbage, never read")
         fitted = fit(product(), off)
         assert [p.shape for p in fitted.prototypes] == [p.shape for p in ref.prototypes]
     assert same(fit(product(), cfg.replace({"train.prototype_cache": False})), ref)

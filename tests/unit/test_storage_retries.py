@@ -107,10 +107,10 @@ def test_training_reads_survive_transient_faults(s3_endpoint):
     frame = pd.DataFrame({"image_uri": uris, "mask_uri": masks,
                           "label": ["anomaly", "normal"] * 20})
     batch = {k: frame[k].to_numpy(dtype=object) for k in frame}
-    clean = images.decode_batch(dict(batch), data_cfg=DataConfig(), image_size=32)
+    clean = images.decode_batch(dict(batch), data_cfg=DataConfig(), geometry=32)
     with FaultProxy(s3_endpoint, rate=0.05, seed=11) as proxy:
         faulty = images.decode_batch(dict(batch), storage_cfg=_cfg(proxy.url),
-                                     data_cfg=DataConfig(), image_size=32)
+                                     data_cfg=DataConfig(), geometry=32)
     assert proxy.counts["status503"] + proxy.counts["drop"] >= 1, proxy.counts
     assert all(e is None for e in clean["error"]) and all(e is None for e in faulty["error"])
     np.testing.assert_array_equal(clean["image"], faulty["image"])

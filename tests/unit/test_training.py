@@ -28,6 +28,7 @@ from prn_ray.engine.local import train_local
 from prn_ray.engine.optim import lr_factor
 from prn_ray.engine.trainer import HeadTrainer
 from prn_ray.engine.validation import ValidationSet
+from prn_ray.geometry import Geometry, as_size
 from prn_ray.model import Backbone, PRNHead
 from prn_ray.model.memory import local_average
 from prn_ray.model.reference import fit_reference
@@ -145,11 +146,12 @@ def test_eval_mode_maps_are_as_good_as_train_mode_on_training_defects(trained):
     head = trainer.head
     head.load_state_dict(trainer.best)
     data = ProductData.from_catalog(catalog, PRODUCT)
-    banks = build_banks(data, {}, cfg, cfg.data.image_size)
+    geometry = Geometry(as_size(cfg.data.image_size))
+    banks = build_banks(data, {}, cfg, geometry)
     frame = plan_frame(data, cfg, range(3, 4))  # an epoch it trained on
     maps = {"train": [], "eval": []}
     masks = []
-    for batch in feature_batches(frame, banks, cfg, cfg.data.image_size, backbone, 8):
+    for batch in feature_batches(frame, banks, cfg, geometry, backbone, 8):
         feats = [batch[c] for c in FEATURE_COLUMNS]
         masks.append(batch["mask"].numpy().astype(bool))
         for mode in maps:
