@@ -264,6 +264,26 @@ def synthetic_reference(model_cfg, channels, sizes, n_normal: int = 677, seed: i
         n_normal=n_normal)
 
 
+def register_untrained(cfg, product: str, geometry, note: str, n_normal: int = 200) -> str:
+    """Register a Lite0 PRN whose head is untrained over a random reference of the real sizes
+    (``geometry``'s input): speed is real, scores are meaningless."""
+    import torch
+
+    from prn_ray import registry
+    from prn_ray.model import build_prn
+
+    torch.manual_seed(0)
+    prn = build_prn(cfg.model, geometry.size, storage_cfg=cfg.storage)
+    prn.head.set_reference(synthetic_reference(cfg.model, prn.backbone.channels,
+                                               prn.head.feature_sizes, n_normal=n_normal))
+    if prn.head.memory is not None:
+        prn.head.memory.mark(calibrated=True)
+    return registry.publish(
+        cfg, product, head_state=prn.head.state_dict(), backbone_state=prn.backbone.state_dict(),
+        geometry=geometry, calibration={"threshold": 0.5, "rule": "none: untrained head"},
+        metrics={"note": f"{note}: random head, speed only"})
+
+
 def ready_head(model_cfg, channels, sizes, image_size: int, n_normal: int = 677):
     """A PRN head with a synthetic reference and an identity prior calibration."""
     from prn_ray.model import PRNHead

@@ -53,8 +53,8 @@ from _common import (
     gemm_rate,
     mib,
     start_moto,
-    synthetic_reference,
 )
+from _common import register_untrained as register_bench
 
 PRODUCT = "bench"
 
@@ -77,21 +77,10 @@ def make_config(args, bucket: str):
 
 
 def register_untrained(cfg, size: int) -> str:
-    import torch
+    from prn_ray.geometry import Geometry
 
-    from prn_ray import registry
-    from prn_ray.model import build_prn
-
-    torch.manual_seed(0)
-    prn = build_prn(cfg.model, size, storage_cfg=cfg.storage)
-    prn.head.set_reference(synthetic_reference(cfg.model, prn.backbone.channels,
-                                               prn.head.feature_sizes, n_normal=200))
-    if prn.head.memory is not None:
-        prn.head.memory.mark(calibrated=True)
-    return registry.publish(
-        cfg, PRODUCT, head_state=prn.head.state_dict(), backbone_state=prn.backbone.state_dict(),
-        image_size=size, calibration={"threshold": 0.5, "rule": "none: untrained head"},
-        metrics={"note": "benchmarks/score_throughput.py: random head, speed only"})
+    return register_bench(cfg, PRODUCT, Geometry((size, size)),
+                          "benchmarks/score_throughput.py")
 
 
 def write_images(root: str, n: int, size: int, unique: int = 64) -> list[str]:
@@ -146,7 +135,7 @@ def bare_loop(args) -> dict:
     mv = registry.load(scfg, PRODUCT)
     prn = mv.build().to(memory_format=torch.channels_last)
     load_s = time.perf_counter() - t
-    size = mv.image_size
+    size = mv.image_size[0]
     uris = storage.list_files(args.input_uri, scfg)
     sampler = MemorySampler(os.getpid(), set())
     stages = dict.fromkeys(["read", "decode", "resize", "backbone", "head", "map_png",

@@ -132,6 +132,12 @@ class ModelConfig:
     prior_bank_size: int = 16384  # coreset rows per level
     prior_pool: int = 3  # neighbourhood averaged into each patch descriptor
     prior_blur_sigma: float = 4.0  # Gaussian smoothing of the prior, in pixels at 256 px
+    # The memory's vote in the map a trained head outputs: probability (1 - v) x sigmoid(prior
+    # + correction) + v x sigmoid(prior). The correction is fitted to a few seen and synthetic
+    # defects; on a defect type it never saw it can overrule the memory (VisA macaroni1: a
+    # colour spot the memory ranks above 99 % of normal pixels fell below 70 %), and the vote
+    # bounds that. Training's loss is unchanged; an untrained head's map is the prior's either way.
+    prior_vote: float = 0.25
     score: Literal["topk_mean", "max", "area"] = "topk_mean"
     score_topk: int = 100
     feature_dtype: Literal["float16", "float32"] = "float16"  # features travelling in Ray Data
@@ -162,6 +168,9 @@ class TrainConfig:
     channels_last: bool = True
     seed: int = 0
     val_every_epochs: int = 1
+    # Held-out normal views each validation scores (tiles multiply an image's views; all of
+    # them calibrate the prior); whole images are kept, so at least one image's views.
+    val_normal_views: int | None = 384
     early_stop_patience: int | None = None  # validations without improvement
     # Best-epoch selection: a validation metric; real_mean = mean of the four metrics on the
     # held-out real defects (and their extended copies) vs held-out normals.

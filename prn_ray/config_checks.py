@@ -174,7 +174,8 @@ RULES: dict[str, Rule] = {
     "model.prior_levels": each(lambda v: None if v in FEATURE_LEVELS else
                                f"must be in {list(FEATURE_LEVELS)}"),
     "model.prior_bank_size": at_least(1), "model.prior_pool": at_least(1),
-    "model.prior_blur_sigma": at_least(0), "model.score": TYPED, "model.score_topk": at_least(1),
+    "model.prior_blur_sigma": at_least(0), "model.prior_vote": between(0, 1),
+    "model.score": TYPED, "model.score_topk": at_least(1),
     "model.feature_dtype": TYPED,
     "train.epochs": at_least(1), "train.max_steps": at_least(1), "train.time_budget_s": above(0),
     "train.batch_size": at_least(1), "train.lr": above(0), "train.optimizer": TYPED,
@@ -183,6 +184,7 @@ RULES: dict[str, Rule] = {
     "train.correction_loss_weight": at_least(0), "train.focal_gamma": at_least(0),
     "train.focal_alpha": between(0, 1), "train.grad_clip": above(0), "train.precision": TYPED,
     "train.channels_last": TYPED, "train.seed": at_least(0), "train.val_every_epochs": at_least(1),
+    "train.val_normal_views": at_least(1),
     "train.early_stop_patience": at_least(1), "train.selection_metric": metric(),
     "train.num_workers": at_least(1), "train.cpus_per_worker": above(0), "train.use_gpu": TYPED,
     "train.max_failures": at_least(0), "train.max_concurrent_products": at_least(1),

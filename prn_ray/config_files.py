@@ -75,7 +75,9 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        parent, node = node, node.setdefault(part, {})
+        if isinstance(node, (str, bool)) and len(parts) > 2:
+            node = parent[part] = {"mode": node}  # a subsection's shorthand (tiles: auto)
         if not isinstance(node, dict):
             raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
     node[parts[-1]] = value

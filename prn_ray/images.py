@@ -122,7 +122,8 @@ def decode_image(
 def decode_mask(
     data: bytes | None, shape: tuple[int, int], threshold: int = 127
 ) -> np.ndarray:
-    """Mask bytes -> H x W uint8 in {0, 1} (defect where value > ``threshold``).
+    """Mask bytes -> H x W uint8 in {0, 1} (defect where value > ``threshold``; a mask with
+    no value above it but non-zero values is a label mask: defect where value > 0).
 
     ``shape`` is the (height, width) of the image the mask belongs to; any other size is a
     ``mask_size_mismatch`` (reported, never resized). Colour masks: the brightest colour channel
@@ -139,7 +140,8 @@ def decode_mask(
             raise ImageError(
                 "mask_size_mismatch", f"mask is {size[0]}x{size[1]}, image is {w}x{h}"
             )
-        arr = _to_uint8(_decode_raw(data, max(h * w, 1), 1, "mask"))
+        raw = _decode_raw(data, max(h * w, 1), 1, "mask")
+        arr = _to_uint8(raw)
     except ImageError as exc:
         if exc.reason.startswith("mask_"):
             raise
@@ -150,10 +152,15 @@ def decode_mask(
         raise ImageError(
             "mask_size_mismatch", f"mask is {arr.shape[1]}x{arr.shape[0]}, image is {w}x{h}"
         )
-    if arr.ndim == 3:
-        colour = arr[:, :, : min(3, arr.shape[2])] if arr.shape[2] != 2 else arr[:, :, :1]
-        arr = colour.max(axis=2)
-    return (arr > threshold).astype(np.uint8)
+    if arr.ndim == 3:  # the colour channels (alpha dropped), brightest counts
+        keep = slice(0, min(3, arr.shape[2])) if arr.shape[2] != 2 else slice(0, 1)
+        arr, raw = arr[:, :, keep].max(axis=2), raw[:, :, keep].max(axis=2)
+    out = arr > threshold
+    if not out.any() and raw.any():
+        # Nothing above the threshold but something non-zero: a label mask (VisA stores each
+        # defect's class index, 1..6), whose defect is every non-zero pixel, at any bit depth.
+        out = raw > 0
+    return out.astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- resize / encode

@@ -133,14 +133,15 @@ def tune_plan(cfg: Config, catalog: pd.DataFrame, products: list[str], samples: 
 
 
 def score_plan(cfg: Config, frame: pd.DataFrame, input_uri: str, date: str,
-               versions: dict[str, str | None]) -> str:
+               versions: dict[str, str | None], inputs: dict[str, str] | None = None) -> str:
     sc = cfg.score
-    rows = [[p, int((frame["product"] == p).sum()), versions.get(p) or "NO MODEL (rows: no_model)"]
-            for p in sorted(frame["product"].unique())]
+    inputs = inputs or {}
+    rows = [[p, int((frame["product"] == p).sum()), versions.get(p) or "NO MODEL (rows: no_model)",
+             inputs.get(p, "-")] for p in sorted(frame["product"].unique())]
     ignored = frame.attrs.get("ignored") or {}
     lines = [(f"dry run: score {len(frame)} image(s) of {len(rows)} product(s) from "
              f"{storage.redact(input_uri)} for date {date}"),
-             format_table(["product", "images", "model version"], rows, align="lrl")]
+             format_table(["product", "images", "model version", "input"], rows, align="lrll")]
     if ignored:
         lines.append("ignored inputs: " + ", ".join(f"{k} {v}" for k, v in ignored.items()))
     lines += [f"resources: {sc.actors} scoring actor(s) x {sc.cpus_per_actor} CPU, batches of "

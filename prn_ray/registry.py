@@ -240,7 +240,11 @@ def load(storage_cfg: StorageConfig, product: str, version: str | None = None) -
     if missing:
         raise RegistryError(f"model {product}/{version} is incomplete (missing {missing})")
     config_doc = json.loads(storage.read_text(storage.join(root, "config.json"), storage_cfg))
-    cfg = from_dict(config_doc["config"])
+    doc = config_doc["config"]
+    # A version registered before model.prior_vote existed ranks pixels by its own logits.
+    if "prior_vote" not in doc.get("model", {}):
+        doc = {**doc, "model": {**doc.get("model", {}), "prior_vote": 0.0}}
+    cfg = from_dict(doc)
     # The registry's own location wins over whatever the training run was configured with.
     cfg = cfg.replace({"storage.models_uri": storage_cfg.models_uri,
                        "storage.endpoint_url": storage_cfg.endpoint_url})

@@ -146,27 +146,28 @@ def ref_aupro(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float:
 
 
 def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 0,
-                   version: str | None = None) -> str:
+                   version: str | None = None, geometry=None) -> str:
     """Register a PRN for ``product`` without training: its normal reference and patch-memory
     prior fitted on ``normals`` (H x W x 3 uint8, any size; the last quarter calibrates the
     prior), the decoder's zero-initialised last convolution randomised so the head's own path
     reaches the output too, and the threshold at the median score of the calibration normals. With
     ``model.weights=none`` the backbone is random: scores mean nothing (plumbing and
-    export-equivalence tests only). Returns the version."""
+    export-equivalence tests only). ``geometry`` (default: the whole image stretched to
+    ``data.image_size``) cuts the normals into the views the reference is fitted on. Returns
+    the version."""
     import torch
 
     from prn_ray import registry
     from prn_ray.geometry import Geometry, as_size
-    from prn_ray.images import resize_image
     from prn_ray.model import build_prn
     from prn_ray.model.reference import fit_reference
     from prn_ray.runner import images_to_tensor
 
-    size = cfg.data.image_size
+    geometry = geometry or Geometry(as_size(cfg.data.image_size))
     torch.manual_seed(seed)
-    prn = build_prn(cfg.model, size, storage_cfg=cfg.storage)
-    x = images_to_tensor(np.stack([resize_image(im, size) for im in normals]))
-    k = max(1, len(normals) * 3 // 4)
+    prn = build_prn(cfg.model, geometry.size, storage_cfg=cfg.storage)
+    x = images_to_tensor(np.concatenate([geometry.views(im) for im in normals]))
+    k = max(1, len(x) * 3 // 4)
     with torch.no_grad():
         feats = prn.backbone(x)
         prn.head.set_reference(fit_reference([f[:k] for f in feats], cfg.model, seed=seed))
@@ -175,8 +176,7 @@ def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 
         threshold = float(prn.eval()(x[k:]).score.median())
     return registry.publish(
         cfg, product, head_state=prn.head.state_dict(), backbone_state=prn.backbone.state_dict(),
-        geometry=Geometry(as_size(size)),
-        calibration={"threshold": threshold, "rule": "median (tests)"},
+        geometry=geometry, calibration={"threshold": threshold, "rule": "median (tests)"},
         metrics={"note": "tests/helpers.publish_fitted: fitted reference, no training"},
         version=version)
 

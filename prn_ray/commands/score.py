@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         frame = list_inputs(args.input, cfg.storage, args.products or cfg.data.products)
         models = resolve_models(cfg, sorted(frame["product"].unique()))
         versions = {p: m.version for p, m in models.items()}
-        print(score_plan(cfg, frame, args.input, date, versions), flush=True)
+        inputs = {p: m.geometry.describe() for p, m in models.items() if m.geometry}
+        print(score_plan(cfg, frame, args.input, date, versions, inputs), flush=True)
         return 0
 
     from prn_ray.runtime import init_ray

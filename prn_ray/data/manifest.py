@@ -316,6 +316,7 @@ def visa_manifest(root_uri: str, storage_cfg: StorageConfig | None = None, *,
     seen anomalies are carved from those by :func:`assign_splits`, as for any manifest). Each
     object's ``<object>/image_anno.csv``, where present, gives the defect types (several joined
     by ``+``); else ``anomaly``."""
+    root_uri = base_uri(root_uri, storage_cfg)  # absolute: the manifest may live elsewhere
     split_uri = split_csv or storage.join(root_uri, "split_csv", "1cls.csv")
     try:
         split = pd.read_csv(io.BytesIO(storage.read_bytes(split_uri, storage_cfg)), dtype=str,
@@ -351,5 +352,5 @@ def visa_manifest(root_uri: str, storage_cfg: StorageConfig | None = None, *,
                      "split": "train" if r.split == "train" else "test"})
     df = pd.DataFrame(rows, columns=COLUMNS).sort_values(["product", "image_uri"],
                                                          kind="stable").reset_index(drop=True)
-    df.attrs["root"] = base_uri(root_uri, storage_cfg)
+    df.attrs["root"] = root_uri
     return df

@@ -81,6 +81,7 @@ class HeadTrainer:
         self.total_steps = self.budget.total_steps
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.val: ValidationSet | None = None
+        self._val_epoch: tuple[ValidationSet, ValidationSet] | None = None  # (all, per epoch)
         self._mark = 0.0
         self._step_s = 0.0  # this epoch's time inside steps (train_s less the data waits)
         self.say_every_s = 120.0
@@ -198,9 +199,12 @@ class HeadTrainer:
             state.stale_validations += 1
 
     def validate(self) -> tuple[dict[str, float], np.ndarray, np.ndarray, np.ndarray]:
-        maps = predict_logits(self.head, self.val.features, self.cfg.train.batch_size, self.device,
-                            self.precision)
-        return validation_metrics(maps, self.val, self.cfg)
+        if self._val_epoch is None or self._val_epoch[0] is not self.val:
+            self._val_epoch = (self.val, self.val.limited(self.cfg.train.val_normal_views))
+        val = self._val_epoch[1]
+        maps = predict_logits(self.head, val.features, self.cfg.train.batch_size, self.device,
+                              self.precision)
+        return validation_metrics(maps, val, self.cfg)
 
     def end_epoch(self, epoch: int, mean_loss: float, report) -> bool:
         """Validate/select/calibrate as configured, call ``report``. True = stop training."""

@@ -153,6 +153,7 @@ class PRNHead(nn.Module):
             n = len(self.memory.levels)
             self.prior_weight = nn.Parameter(torch.ones(n))
             self.prior_bias = nn.Parameter(torch.zeros(1))
+            self.prior_vote = float(cfg.prior_vote)
             sigma = cfg.prior_blur_sigma * min(self.image_size) / 256.0
             self.register_buffer("blur_kernel", gaussian_kernel(sigma), persistent=False)
 
@@ -290,7 +291,9 @@ class PRNHead(nn.Module):
         correction, prior = self._parts(features, out_size)
         if parts:
             return correction, prior
-        return correction if prior is None else correction.float() + prior
+        if prior is None:
+            return correction
+        return voted_logits(correction.float() + prior, prior, self.prior_vote)
 
     def _parts(self, features: list[Tensor], out_size: Sequence[int] | None
                ) -> tuple[Tensor, Tensor | None]:
@@ -331,6 +334,26 @@ class PRNHead(nn.Module):
         with autocast_off(logits.device.type):  # the ranking of pixels is the product
             prior = self._prior_sum(z, size, self.prior_weight.float()) + self.prior_bias.float()
         return logits, prior
+
+
+def voted_logits(logits: Tensor, prior: Tensor, vote: float) -> Tensor:
+    """The logits of (1 - vote) x sigmoid(logits) + vote x sigmoid(prior), computed in log
+    space so that nothing saturates: pixels keep their order where either term is near 0 or 1
+    (pixel metrics rank logits)."""
+    if vote <= 0.0:
+        return logits
+    if vote >= 1.0:
+        return prior
+    a, b = math.log1p(-vote), math.log(vote)
+    num = _logaddexp(a - F.softplus(-logits), b - F.softplus(-prior))  # softplus(-x) = -log σ(x)
+    den = _logaddexp(a - F.softplus(logits), b - F.softplus(prior))
+    return num - den
+
+
+def _logaddexp(x: Tensor, y: Tensor) -> Tensor:
+    # Spelled out: torch.logaddexp has no ONNX export.
+    top = torch.maximum(x, y)
+    return top + torch.log1p(torch.exp(-(x - y).abs()))
 
 
 def gaussian_kernel(sigma: float) -> Tensor:

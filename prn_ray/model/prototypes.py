@@ -36,16 +36,28 @@ def _chunk_rows(dim: int, chunk: int | None) -> int:
     return chunk if chunk is not None else max(1, _CHUNK_ELEMENTS // max(dim, 1))
 
 
+def _float_chunks(x: Tensor, chunk: int):
+    """(start, rows as float32) over ``x``, promoted into one reused buffer: a fresh 64 MiB
+    tensor per chunk fragments glibc's heap (see :func:`prn_ray.model.memory.nearest_distance`)."""
+    if x.dtype == torch.float32:
+        for start in range(0, x.shape[0], chunk):
+            yield start, x[start:start + chunk]
+        return
+    buf = torch.empty(min(chunk, x.shape[0]), x.shape[1], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        part = x[start:start + chunk]
+        yield start, buf[:part.shape[0]].copy_(part)
+
+
 def _sq_norms(x: Tensor, chunk: int) -> Tensor:
-    return torch.cat([c.float().pow(2).sum(1) for c in x.split(chunk)])
+    return torch.cat([c.pow(2).sum(1) for _, c in _float_chunks(x, chunk)])
 
 
 def _assign(x: Tensor, x_sq: Tensor, centers: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
     """Nearest center and squared distance per row, chunked over rows."""
     c_sq = centers.pow(2).sum(1)
     labels, dists = [], []
-    for start in range(0, x.shape[0], chunk):
-        xc = x[start:start + chunk].float()
+    for start, xc in _float_chunks(x, chunk):
         d = (x_sq[start:start + chunk, None] - 2.0 * xc @ centers.T + c_sq[None]).clamp_min_(0)
         best, idx = d.min(1)
         labels.append(idx)
@@ -92,8 +104,8 @@ def kmeans(x: Tensor, k: int, seed: int = 0, iters: int = 50, chunk: int | None 
             break
         labels = new_labels
         sums = torch.zeros_like(centers)
-        for start in range(0, n, rows):
-            sums.index_add_(0, labels[start:start + rows], x[start:start + rows].float())
+        for start, xc in _float_chunks(x, rows):
+            sums.index_add_(0, labels[start:start + rows], xc)
         counts = torch.bincount(labels, minlength=k)
         empty = (counts == 0).nonzero().flatten().tolist()
         if empty:

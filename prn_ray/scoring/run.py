@@ -135,8 +135,9 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
         per[p] = ProductSummary(p, m.version, m.threshold,
                                 images=int((frame["product"] == p).sum()), error=m.error)
         if m.version:
-            detail(p, f"model {m.version} ({m.geometry.describe()}, "
-                      f"threshold {m.threshold:.4f})")
+            # Tiles multiply an image's cost: say so where the run's speed is read.
+            (say if m.geometry.tiled else detail)(
+                p, f"model {m.version} ({m.geometry.describe()}, threshold {m.threshold:.4f})")
         else:
             say(p, m.error or NO_MODEL)
 

@@ -14,6 +14,7 @@ import pytest
 from helpers import REPO, new_bucket, shared_data
 
 from prn_ray import storage
+from prn_ray.cli import run_job
 from prn_ray.config import Config, DataConfig, StorageConfig
 from prn_ray.data.catalog import assign_splits, build_catalog, scan_mvtec
 from prn_ray.data.manifest import (
@@ -22,6 +23,7 @@ from prn_ray.data.manifest import (
     ManifestError,
     paired_mask_manifest,
     read_manifest,
+    visa_manifest,
     write_manifest,
 )
 from prn_ray.data.paths import relative_keys
@@ -503,3 +505,70 @@ def test_empty_product_name_is_a_manifest_error(tmp_path):
     pd.DataFrame(rows).to_csv(path, index=False)
     with pytest.raises(CatalogError, match="empty product"):
         build_catalog(Config(data=DataConfig(manifest=str(path), seen_anomalies=0)))
+
+
+def _visa_tree(root: Path) -> None:
+    """Two objects in VisA's layout: 3 train + 1 test normals and 2 test anomalies each."""
+    split = ["object,split,label,image,mask"]
+    for obj in ("candle", "pcb1"):
+        anno = ["image,label,mask"]
+        img_dir, mask_dir = root / obj / "Data" / "Images", root / obj / "Data" / "Masks"
+        for i in range(4):
+            rel = f"{obj}/Data/Images/Normal/{i:04d}.JPG"
+            split.append(f"{obj},{'train' if i < 3 else 'test'},normal,{rel},")
+            anno.append(f"{rel},normal,")
+        for i, label in enumerate(["chip", '"scratch,crack"']):
+            rel, mrel = f"{obj}/Data/Images/Anomaly/{i:03d}.JPG", f"{obj}/Data/Masks/Anomaly/{i:03d}.png"
+            split.append(f"{obj},test,anomaly,{rel},{mrel}")
+            anno.append(f"{rel},{label},{mrel}")
+        for d in (img_dir / "Normal", img_dir / "Anomaly", mask_dir / "Anomaly"):
+            d.mkdir(parents=True)
+        (root / obj / "image_anno.csv").write_text("\n".join(anno) + "\n")
+    (root / "split_csv").mkdir()
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(split) + "\n")
+
+
+def test_visa_manifest_follows_the_official_split(tmp_path, capsys):
+    root = tmp_path / "visa"
+    _visa_tree(root)
+    out = tmp_path / "visa.parquet"
+    assert _load_job("make_manifest").main(["visa", "--root", str(root), "--out", str(out)]) == 0
+    df = read_manifest(str(out))
+    assert sorted(set(df["product"])) == ["candle", "pcb1"]
+    for obj, rows in df.groupby("product"):
+        by = rows.groupby(["split", "label"]).size().to_dict()
+        assert by == {("train", "normal"): 3, ("test", "normal"): 1, ("test", "anomaly"): 2}, by
+        anom = rows[rows["label"] == "anomaly"].sort_values("image_uri")
+        # defect types from image_anno.csv, several joined by "+"; masks paired by the split file
+        assert list(anom["defect_type"]) == ["chip", "scratch+crack"]
+        assert [Path(u).name for u in anom["mask_uri"]] == ["000.png", "001.png"]
+        assert all(f"/{obj}/Data/Masks/Anomaly/" in u for u in anom["mask_uri"])
+        assert set(rows[rows["label"] == "normal"]["defect_type"]) == {"good"}
+        assert (rows[rows["label"] == "normal"]["mask_uri"] == "").all()
+    # only the objects asked for; an unknown one is named with the choices
+    one = _load_job("make_manifest").main(
+        ["visa", "--root", str(root), "--objects", "pcb1", "--out", str(tmp_path / "p.parquet")])
+    assert one == 0 and set(read_manifest(str(tmp_path / "p.parquet"))["product"]) == {"pcb1"}
+    capsys.readouterr()
+    assert run_job(_load_job("make_manifest").main, [
+        "visa", "--root", str(root), "--objects", "pcb9", "--out", str(tmp_path / "q.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "pcb9" in err and "candle" in err and "Traceback" not in err
+
+
+def test_visa_manifest_without_its_split_file_says_which(tmp_path, capsys):
+    (tmp_path / "visa").mkdir()
+    rc = run_job(_load_job("make_manifest").main, [
+        "visa", "--root", str(tmp_path / "visa"), "--out", str(tmp_path / "v.parquet")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "1cls.csv" in err and "--split-csv" in err, err
+
+
+@pytest.mark.realdata
+def test_visa_macaroni1_manifest_has_the_official_split():
+    df = visa_manifest(str(shared_data("visa_macaroni1")))
+    counts = df.groupby(["split", "label"]).size().to_dict()
+    assert counts == {("train", "normal"): 900, ("test", "normal"): 100, ("test", "anomaly"): 100}
+    anom = df[df["label"] == "anomaly"]
+    assert (anom["mask_uri"] != "").all() and (anom["defect_type"] != "anomaly").all()
+    assert all(Path(u).is_file() for u in [*df["image_uri"][:5], *anom["mask_uri"][:5]])

@@ -16,6 +16,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -24,7 +25,7 @@ from helpers import TINY, demo_images, job_main, publish_fitted, shared_data
 from prn_ray import registry
 from prn_ray.cli import run_job
 from prn_ray.config import load_config
-from prn_ray.images import decode_image, resize_image
+from prn_ray.images import decode_image, encode_png, resize_image
 from prn_ray.runner import RegisteredModels
 
 pytestmark = pytest.mark.timeout(600)
@@ -125,6 +126,39 @@ def test_float_input_export(world, tmp_path):
     got_map, got_score = exported(tmp_path / "f32" / doc["file"], "onnx", x)
     assert np.abs(got_map - want_map).max() <= TOLERANCE
     assert np.abs(got_score - want_score).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_tiled_export_loop_equals_the_scoring_path(world, fmt, tmp_path):
+    """A tiled model's graph scores tiles; predict_image (export.json's geometry around the
+    graph) gives the map and score of the scorer's path (predict: decode, views, stitch)."""
+    from prn_ray.export import predict_image
+    from prn_ray.geometry import Geometry
+    from prn_ray.predict import predict
+    from prn_ray.scoring.table import MAP_PNG_MAX
+
+    geometry = Geometry((64, 64), scale=0.8, overlap=16)
+    cfg = world["cfg"]
+    version = publish_fitted(cfg, "tiled", demo_images("fabric", 8, 160, seed=2),
+                             geometry=geometry)
+    doc = export(world, fmt, tmp_path / fmt, "tiled")
+    assert Geometry.from_doc(doc["geometry"]) == geometry and "tile" in doc["geometry"]["how"]
+    data = (tmp_path / fmt / doc["file"]).read_bytes()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    test = world["images"] + demo_images("fabric", 1, 200, seed=9)  # 160, 96 and 200 px
+    for i, im in enumerate(test):
+        (folder / f"{i}.png").write_bytes(encode_png(im[:, : im.shape[1] * 3 // 4]))
+    summary = predict(cfg, "tiled", str(folder), str(tmp_path / "pred"), version=version)
+    assert summary.counts["scored"] == len(test)
+    for row in summary.rows:
+        img = decode_image(Path(row.file).read_bytes())
+        assert geometry.n_views(*img.shape[:2]) > 1  # really tiled
+        amap, score = predict_image(data, fmt, doc, img)
+        assert abs(score - row.score) <= TOLERANCE
+        stored = cv2.imread(str(tmp_path / "pred" / row.map_png), cv2.IMREAD_UNCHANGED)
+        want = cv2.resize(amap, stored.shape[::-1], interpolation=cv2.INTER_LINEAR)
+        assert np.abs(stored / MAP_PNG_MAX - want).max() <= TOLERANCE + 1.0 / MAP_PNG_MAX
 
 
 @pytest.mark.parametrize("extra,message", [

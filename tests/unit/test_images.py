@@ -184,6 +184,20 @@ def test_soft_mask_binarised_at_threshold():
     np.testing.assert_array_equal(decode_mask(encode_png(soft), (10, 256), 200), soft > 200)
 
 
+def test_label_masks_mark_every_nonzero_pixel():
+    """VisA stores a defect's class index (1..6) in its mask, not 255: at threshold 127 such
+    masks would be empty."""
+    labels = np.zeros((10, 20), np.uint8)
+    labels[2:5, 3:9] = 3
+    labels[7:9, 1:4] = 6
+    want = (labels > 0).astype(np.uint8)
+    for arr in (labels, labels.astype(np.uint16), labels.clip(0, 1)):
+        np.testing.assert_array_equal(decode_mask(encode_png(arr), (10, 20), 127), want)
+    soft = labels.astype(np.uint8) * 40  # values above the threshold: a soft mask, thresholded
+    np.testing.assert_array_equal(decode_mask(encode_png(soft), (10, 20), 127), soft > 127)
+    assert decode_mask(encode_png(np.zeros((10, 20), np.uint8)), (10, 20), 127).sum() == 0
+
+
 def test_colour_and_16bit_masks():
     m = np.zeros((12, 12, 3), np.uint8)
     m[2:5, 2:5, 0] = 255  # red-only defect region

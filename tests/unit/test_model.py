@@ -356,3 +356,20 @@ def test_a_fold_that_changes_features_is_not_used(monkeypatch):
     monkeypatch.setattr(backbone_module, "fold_batchnorm", wrong)
     backbone = backbone_module.Backbone("resnet18", "none")
     assert backbone.folded() is backbone
+
+
+def test_voted_logits_are_the_mixture_of_probabilities_and_keep_order_in_the_tails():
+    from prn_ray.model.prn import voted_logits
+
+    g = torch.Generator().manual_seed(0)
+    logits, prior = torch.randn(4096, generator=g) * 12, torch.randn(4096, generator=g) * 12
+    for vote in (0.0, 0.25, 0.5, 1.0):
+        want = (1 - vote) * torch.sigmoid(logits.double()) + vote * torch.sigmoid(prior.double())
+        got = torch.sigmoid(voted_logits(logits, prior, vote).double())
+        assert torch.allclose(got, want, atol=1e-6), vote
+    # Deep in the tails float32 probabilities tie at 0 or 1; the voted logits still order them.
+    deep = voted_logits(torch.tensor([-90.0, -95.0, 90.0, 95.0]),
+                        torch.tensor([-90.0, -90.0, 90.0, 90.0]), 0.25)
+    assert deep[0] > deep[1] and deep[3] > deep[2] and torch.isfinite(deep).all()
+    # An untrained head (correction 0) keeps the prior's map.
+    assert torch.allclose(voted_logits(prior, prior, 0.25), prior, atol=1e-4)

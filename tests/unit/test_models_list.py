@@ -78,3 +78,17 @@ def test_unknown_product_exits_2_and_empty_registry_is_fine(models_uri, tmp_path
     assert err.startswith("error: no model registered for product 'nope'"), err
     assert run_models(str(tmp_path / "empty")) == 0
     assert "no models under" in capsys.readouterr().out
+
+
+def test_a_version_registered_before_the_memory_vote_keeps_its_own_maps(tmp_path):
+    uri = str(tmp_path / "models")
+    cfg = load_config(TINY, [f"storage.models_uri={uri}", "model.prior_vote=0.4"])
+    version = registry.publish(cfg, "old", head_state={"w": torch.zeros(1)},
+                               backbone_state={"w": torch.zeros(1)}, geometry=Geometry((64, 64)),
+                               calibration={"threshold": 0.5}, metrics={})
+    assert registry.load(cfg.storage, "old", version).config.model.prior_vote == 0.4
+    path = tmp_path / "models" / "old" / version / "config.json"
+    doc = json.loads(path.read_text())
+    del doc["config"]["model"]["prior_vote"]  # what a version from before the key holds
+    path.write_text(json.dumps(doc))
+    assert registry.load(cfg.storage, "old", version).config.model.prior_vote == 0.0
