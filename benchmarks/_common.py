@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,3 +311,22 @@ def gemm_rate(threads: int, n: int = 2048, reps: int = 5) -> float:
     for _ in range(reps):
         a @ b
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def write_images(root: str, product: str, n: int, h: int, w: int, unique: int = 8) -> list[str]:
+    """N JPEGs of h x w under ``<root>/<product>/`` (demo renders, ``unique`` distinct ones)."""
+    import cv2
+
+    from prn_ray import storage
+    from prn_ray.demo_data import render
+
+    side = max(h, w)
+    jpgs = []
+    for i in range(min(unique, n)):
+        img = render("metal_plate", side, 1, 1, i)[0][:h, :w]
+        jpgs.append(cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])[1]
+                    .tobytes())
+    uris = [storage.join(root, product, f"{i:06d}.jpg") for i in range(n)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: storage.write_bytes(uris[i], jpgs[i % len(jpgs)]), range(n)))
+    return uris

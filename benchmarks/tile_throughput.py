@@ -27,30 +27,11 @@ import argparse
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import _common  # noqa: F401  (repo on sys.path, quiet Ray Data)
-from _common import MemorySampler, mib, register_untrained
+from _common import MemorySampler, mib, register_untrained, write_images
 
 PRODUCT = "bench"
-
-
-def write_images(root: str, n: int, h: int, w: int, unique: int = 8) -> list[str]:
-    import cv2
-
-    from prn_ray import storage
-    from prn_ray.demo_data import render
-
-    side = max(h, w)
-    jpgs = []
-    for i in range(min(unique, n)):
-        img = render("metal_plate", side, 1, 1, i)[0][:h, :w]
-        jpgs.append(cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])[1]
-                    .tobytes())
-    uris = [storage.join(root, PRODUCT, f"{i:06d}.jpg") for i in range(n)]
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: storage.write_bytes(uris[i], jpgs[i % len(jpgs)]), range(n)))
-    return uris
 
 
 def bare_loop(cfg, uris: list[str], threads: int) -> float:
@@ -98,7 +79,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     root = tempfile.mkdtemp(prefix="tile_bench_")
-    uris = write_images(f"{root}/in", args.n, args.height, args.width)
+    uris = write_images(f"{root}/in", PRODUCT, args.n, args.height, args.width)
     mp = args.height * args.width / 1e6
     rows = []
     for name, tiles in (("squash", "off"), ("tiles", None)):

@@ -108,6 +108,16 @@ def check_backbone(cfg: Config) -> None:
         raise ConfigError(problem)
 
 
+def check_runtime(cfg: Config) -> None:
+    """``score.runtime``'s packages are installed here (for the jobs that score, before Ray
+    starts; a cluster's nodes need them too)."""
+    from prn_ray.config_checks import runtime_problem
+
+    problem = runtime_problem(cfg.score.runtime)
+    if problem:
+        raise ConfigError(problem)
+
+
 def run_job(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """``main(argv)``'s exit status; a user error becomes status 2 and an ``error:`` line."""
     try:

@@ -224,6 +224,14 @@ class ScoreConfig:
     threshold: float | None = None  # overrides each product's calibrated threshold
     model_version: str | None = None  # pin a version instead of LATEST
     batch_size: int = 16
+    # Who runs the model in the scoring actors and predict: PyTorch eager, or the model's
+    # exported ONNX graph on onnxruntime / OpenVINO (built per version on the node and checked
+    # against the eager model before use), or auto: OpenVINO bf16 where the CPU has native
+    # bf16 and OpenVINO is installed, else torch (prn_ray.runtimes.resolve, measured there).
+    # A GPU node always runs torch.
+    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = "torch"
+    # auto: bf16 where it is native and pays (OpenVINO on AVX-512 BF16 / AMX, CUDA), else fp32
+    precision: Literal["auto", "bf16", "fp32"] = "fp32"
     actors: int = 1
     cpus_per_actor: float = 1.0
     incremental: bool = False  # skip images already scored by the same model version

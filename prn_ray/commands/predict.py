@@ -16,7 +16,7 @@ Exit status: 0 every file handled (rows with errors included); 1 the run failed;
 
 from __future__ import annotations
 
-from prn_ray.cli import config_from_args, job_parser, print_config
+from prn_ray.cli import check_runtime, config_from_args, job_parser, print_config
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     cfg = config_from_args(args)
     if args.print_config:
         return print_config(cfg)
+    check_runtime(cfg)
 
     from prn_ray import storage
     from prn_ray.console import progress

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prn_ray.cli import config_from_args, job_parser, print_config
+from prn_ray.cli import check_runtime, config_from_args, job_parser, print_config
 from prn_ray.config import Config
 from prn_ray.errors import UsageError
 
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.print_config:
         return print_config(cfg)
 
+    check_runtime(cfg)
     check_input(args.input, cfg)
     if args.dry_run:
         from prn_ray.plans import score_plan

@@ -125,6 +125,7 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
                 "data_cfg": None if upstream else cfg.data,
                 "on_retries": TallyReporter(tally) if tally is not None else None,
                 "on_scored": on_scored, "batch_size": sc.batch_size,
+                "runtime": sc.runtime, "precision": sc.precision,
             },
             # Several calls per actor: the next batch is read and decoded while others are in
             # the model (the scorer bounds its forward passes itself).

@@ -77,12 +77,13 @@ class Scorer:
                  data_cfg: DataConfig | None = None,
                  on_retries: Callable[[int], None] | None = None,
                  on_scored: Callable[[dict[str, int]], None] | None = None,
-                 batch_size: int = 16):
+                 batch_size: int = 16, runtime: str = "torch", precision: str = "fp32"):
         from prn_ray.runner import RegisteredModels
 
         streams = model_streams(threads, use_gpu)
         self.runner = RegisteredModels(storage_cfg, threads=max(1, threads // streams),
-                                       use_gpu=use_gpu)
+                                       use_gpu=use_gpu, runtime=runtime, precision=precision,
+                                       streams=streams)
         self._compute = threading.BoundedSemaphore(streams)  # batches in the model at once
         self.models = models
         self.pidx = pidx
