@@ -145,7 +145,10 @@ def score_plan(cfg: Config, frame: pd.DataFrame, input_uri: str, date: str,
     if ignored:
         lines.append("ignored inputs: " + ", ".join(f"{k} {v}" for k, v in ignored.items()))
     lines += [f"resources: {sc.actors} scoring actor(s) x {sc.cpus_per_actor} CPU, batches of "
-              f"{sc.batch_size}; decode tasks {cfg.data.task_cpus} CPU each"
+              f"{sc.batch_size}; decode tasks {cfg.data.task_cpus} CPU each; model on "
+              + (f"{sc.runtime} {sc.precision}" if sc.runtime != "auto" else
+                 "OpenVINO bf16 where a node's CPU has native bf16 and OpenVINO is installed, "
+                 "else torch fp32")
               + (f"; threshold override {sc.threshold}" if sc.threshold is not None else "")
               + ("; incremental" if sc.incremental else ""),
               (f"output -> {storage.redact(sc.output_uri)}/date={date}/product=<product>/ "
