@@ -31,7 +31,6 @@ from prn_ray.config_checks import runtime_problem
 from prn_ray.engine.optim import native_bf16
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")  # and "auto" (see resolve)
-PRECISIONS = ("auto", "fp32", "bf16")
 # Largest |difference| in probability accepted against the eager fp32 model, (any map pixel,
 # any view's score). fp32 graphs only reorder sums (1e-6 seen). bf16 keeps 8 mantissa bits
 # through a deep network, and a pixel on the steep part of the sigmoid moves most: on 120 real
@@ -55,14 +54,12 @@ def resolve(runtime: str, precision: str, device: torch.device,
     included) only OpenVINO bf16 was faster. So ``auto`` is OpenVINO in bf16 where the CPU has
     native bf16 and OpenVINO is installed, torch fp32 otherwise; ``precision: auto`` is bf16
     only where it pays: OpenVINO on such a CPU, or a CUDA GPU (which always runs torch)."""
-    import importlib.util
-
     native = native_bf16(device) if native is None else native
     if device.type == "cuda":
         runtime = "torch"
-    elif runtime == "auto":
-        has_ov = importlib.util.find_spec("openvino") is not None
-        runtime = "openvino" if native and has_ov and precision != "fp32" else "torch"
+    elif runtime == "auto":  # OpenVINO only where it can run: its package and onnx (export)
+        can = runtime_problem("openvino") is None
+        runtime = "openvino" if native and can and precision != "fp32" else "torch"
     if precision == "auto":
         fast = device.type == "cuda" or runtime == "openvino"
         precision = "bf16" if native and fast else "fp32"

@@ -151,6 +151,9 @@ def test_auto_picks_openvino_bf16_only_on_a_chip_with_native_bf16(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "openvino" else real(name, *a))
     assert resolve("auto", "auto", cpu, native=True) == ("torch", "fp32")  # not installed
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert resolve("auto", "auto", cpu, native=True) == ("torch", "fp32")  # cannot export
 
 
 def test_bad_runtime_settings_exit_2_before_anything_runs(tmp_path, capsys, monkeypatch):
