@@ -177,8 +177,13 @@ def resize_mask(mask: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     return resize_to(mask, as_size(size), nearest=True)
 
 
-def encode_png(array: np.ndarray, compression: int = 3) -> bytes:
-    """H x W (grey) or H x W x 3 (RGB) / H x W x 4 (RGBA), uint8 or uint16 -> PNG bytes."""
+def encode_png(array: np.ndarray, compression: int = 3, fast: bool = False) -> bytes:
+    """H x W (grey) or H x W x 3 (RGB) / H x W x 4 (RGBA), uint8 or uint16 -> PNG bytes.
+
+    ``fast``: zlib level 1 with the "sub" row filter only, for smooth 16-bit maps written
+    once per scored image: a real 1 500 x 1 000 map in 32 ms instead of 75 (level 3, filters
+    chosen per row), 18 % larger (a 248 x 373 map: 2.8 ms instead of 5.0, 9 % larger).
+    Lossless either way. OpenCV builds without the filter option use level 1 alone."""
     arr = np.asarray(array)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
@@ -190,7 +195,10 @@ def encode_png(array: np.ndarray, compression: int = 3) -> bytes:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA)
     elif not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1)):
         raise ValueError(f"encode_png expects HxW, HxWx3 or HxWx4, got shape {arr.shape}")
-    ok, buf = cv2.imencode(".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1 if fast else int(compression)]
+    if fast and hasattr(cv2, "IMWRITE_PNG_FILTER"):
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+    ok, buf = cv2.imencode(".png", arr, params)
     if not ok:  # pragma: no cover
         raise ValueError("PNG encoding failed")
     return buf.tobytes()

@@ -35,6 +35,17 @@ class ScoreRule:
         return cls(model.score_kind, model.score_topk, model.area_kernel)
 
     def __call__(self, amap: np.ndarray) -> float:
+        """The score of one stitched map: the model's ``image_score``, computed here without
+        its full sort (the graph needs a static sort; a stitched 1 500 x 1 000 map sorted took
+        111 ms, a partition of its top k 1.9 ms: the same k values, so the same mean up to the
+        order of a float32 sum). NaN (pixels no view reached) is the largest value in both."""
+        flat = np.ascontiguousarray(amap, dtype=np.float32).ravel()
+        if self.kind == "topk_mean" and flat.size:
+            k = min(self.topk, flat.size)
+            top = np.partition(flat, flat.size - k)[flat.size - k:]
+            return float(top.mean(dtype=np.float64))
+        if self.kind == "max" and flat.size:
+            return float(flat.max())
         import torch
 
         from prn_ray.model.prn import image_score

@@ -11,6 +11,10 @@ Layout under ``storage.models_uri``::
                                               image becomes the model's inputs)
     <product>/<version>/calibration.json      decision threshold and how it was chosen
     <product>/<version>/metrics.json          validation metrics, training summary
+    <product>/<version>/check_views.safetensors  optional (extension): a few of the held-out
+                                              images' views as the model sees them (uint8),
+                                              on which an exported graph is compared with
+                                              the eager model before it scores anything
     <product>/LATEST                          the current version (plain text), written last
 
 Weights are stored and read only as safetensors: loading never unpickles anything.
@@ -33,6 +37,7 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written: resolv
 
 REQUIRED_FILES = ("model.safetensors", "backbone.safetensors", "config.json", "calibration.json",
                   "metrics.json")
+CHECK_VIEWS_FILE = "check_views.safetensors"  # optional: versions before it have none
 
 
 @dataclass
@@ -48,6 +53,7 @@ class ModelVersion:
     metrics: dict[str, Any]
     head_state: dict[str, torch.Tensor]
     backbone_state: dict[str, torch.Tensor]
+    check_views: Any = None  # V x h x w x 3 uint8 (numpy) of held-out images, or None
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -84,11 +90,14 @@ def publish(
     calibration: dict[str, Any],
     metrics: dict[str, Any],
     version: str | None = None,
+    check_views: Any = None,
 ) -> str:
     """Write a new version and then point ``LATEST`` at it. Returns the version.
 
     Existing versions are never overwritten: publishing to a version that already holds files
-    raises :class:`RegistryError`.
+    raises :class:`RegistryError`. ``check_views`` (V x h x w x 3 uint8, optional): views of
+    held-out images at the model's input size, kept with the version for the graph runtimes'
+    parity check (:mod:`prn_ray.runtimes`).
     """
     from safetensors.torch import save as st_save
 
@@ -112,6 +121,15 @@ def publish(
     config_doc = {"product": product, "version": version,
                   "image_size": h if h == w else [h, w], "geometry": geometry.to_doc(),
                   "config": cfg.to_dict()}
+    if check_views is not None and len(check_views):
+        import numpy as np
+        import torch
+
+        views = np.ascontiguousarray(check_views, dtype=np.uint8)
+        if views.ndim != 4 or views.shape[1:] != (h, w, 3):
+            raise RegistryError(f"check_views must be V x {h} x {w} x 3, got {views.shape}")
+        storage.write_bytes(storage.join(root, CHECK_VIEWS_FILE),
+                            st_save({"views": torch.from_numpy(views)}, metadata=meta), scfg)
     storage.write_text(storage.join(root, "calibration.json"), _dumps(calibration), scfg)
     storage.write_text(storage.join(root, "metrics.json"), _dumps(metrics), scfg)
     # config.json marks the version as complete; LATEST makes it current. Both written last.
@@ -260,7 +278,17 @@ def load(storage_cfg: StorageConfig, product: str, version: str | None = None) -
         backbone_state=st_load(
             storage.read_bytes(storage.join(root, "backbone.safetensors"), storage_cfg)
         ),
+        check_views=_check_views(root, storage_cfg),
     )
+
+
+def _check_views(root: str, storage_cfg: StorageConfig):
+    uri = storage.join(root, CHECK_VIEWS_FILE)
+    if not storage.exists(uri, storage_cfg):
+        return None
+    from safetensors.torch import load as st_load
+
+    return st_load(storage.read_bytes(uri, storage_cfg))["views"].numpy()
 
 
 def _dumps(doc: Any) -> str:

@@ -76,7 +76,8 @@ class RegisteredModels:
                 from prn_ray.runtimes import build_graph_model
 
                 prn = build_graph_model(prn, product, version, mv.image_size, self.runtime,
-                                        self.precision, self.threads, self.streams)
+                                        self.precision, self.threads, self.streams,
+                                        mv.check_views)
             self._models[key] = prn
             self.loads += 1
         return self._models[key]

@@ -3,11 +3,13 @@ ONNX graph run by onnxruntime or OpenVINO (``score.runtime``).
 
 A graph is built from the registered model on the node that runs it, once per (product,
 version) — a version never changes, so the file is cached by version in a local folder shared
-by the node's processes — and checked before use: the first views it is asked to score also
-go through the eager model, and the graph is refused (:class:`RuntimeMismatch`, which the
-scorer turns into error rows naming the setting to change) when the largest difference in any
-map pixel or view score exceeds :data:`TOLERANCE` for its precision. So a runtime that
-disagrees with the model it was built from never writes a row.
+by the node's processes — and checked before use: the views of held-out images registered
+with the version (``check_views``; a version registered before them: the first views it is
+asked to score) also go through the eager model, and the graph is refused
+(:class:`RuntimeMismatch`, which the scorer turns into error rows naming the setting to
+change) when the largest difference in any map pixel or view score exceeds :data:`TOLERANCE`
+for its precision. So a runtime that disagrees with the model it was built from never writes
+a row.
 
 Precision: ``fp32``, ``bf16`` (OpenVINO's CPU plugin, or torch autocast; onnxruntime has no
 bf16 CPU kernels and refuses it) or ``auto``; ``runtime: auto`` picks by the chip
@@ -97,7 +99,7 @@ class GraphModel:
     taken by a call for its duration)."""
 
     def __init__(self, prn: nn.Module, path: Path, runtime: str, precision: str,
-                 threads: int, streams: int = 1) -> None:
+                 threads: int, streams: int = 1, check_views: np.ndarray | None = None) -> None:
         self.score_kind, self.score_topk = prn.score_kind, prn.score_topk
         self.area_kernel = prn.area_kernel
         self.runtime, self.precision, self.path = runtime, precision, path
@@ -115,7 +117,11 @@ class GraphModel:
         elif runtime == "openvino":
             import openvino as ov
 
-            self._compiled = ov.Core().compile_model(str(path), "CPU", {
+            core = ov.Core()
+            # OpenVINO's own cache of the compiled model, beside the graph: the next actor on
+            # this node (every nightly run starts new ones) loads it instead of compiling.
+            core.set_property({"CACHE_DIR": str(path.parent / "openvino")})
+            self._compiled = core.compile_model(str(path), "CPU", {
                 "INFERENCE_NUM_THREADS": max(1, threads) * max(1, streams),
                 "NUM_STREAMS": max(1, streams),
                 "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"})
@@ -125,6 +131,10 @@ class GraphModel:
                 self._requests.put(self._compiled.create_infer_request())
         else:
             raise ValueError(f"runtime must be one of {RUNTIMES[1:]}, got {runtime!r}")
+        if check_views is not None and len(check_views):  # checked here, before any row
+            views = np.ascontiguousarray(check_views, dtype=np.uint8)
+            self._compare(views, self._maps(views).astype(np.float32, copy=False),
+                          "held-out check views")
 
     def _maps(self, views: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(views, dtype=np.uint8)
@@ -142,10 +152,10 @@ class GraphModel:
         maps = self._maps(views).astype(np.float32, copy=False)
         ms = 1e3 * (time.perf_counter() - t0) / max(1, len(views))
         if self._eager is not None:
-            self._compare(views, maps)
+            self._compare(views, maps, "the first views scored")
         return maps, ms
 
-    def _compare(self, views: np.ndarray, maps: np.ndarray) -> None:
+    def _compare(self, views: np.ndarray, maps: np.ndarray, what: str) -> None:
         from prn_ray.inference import ScoreRule
         from prn_ray.runner import images_to_tensor
 
@@ -158,23 +168,25 @@ class GraphModel:
             d_map = float(np.abs(want - maps).max()) if len(views) else 0.0
             d_score = max((abs(rule(a) - rule(b)) for a, b in zip(want, maps)), default=0.0)
             tol_map, tol_score = TOLERANCE[self.precision]
-            self.check = {"views": len(views), "max_abs_map": d_map, "max_abs_score": d_score,
-                          "tolerance_map": tol_map, "tolerance_score": tol_score}
+            self.check = {"on": what, "views": len(views), "max_abs_map": d_map,
+                          "max_abs_score": d_score, "tolerance_map": tol_map,
+                          "tolerance_score": tol_score}
             if not (d_map <= tol_map and d_score <= tol_score):  # NaN fails too
                 raise RuntimeMismatch(
                     f"score.runtime {self.runtime} ({self.precision}) differs from the eager "
-                    f"model on {len(views)} views: max |map| {d_map:.3g} (tolerance "
+                    f"model on {len(views)} views ({what}): max |map| {d_map:.3g} (tolerance "
                     f"{tol_map:g}), max |score| {d_score:.3g} (tolerance {tol_score:g}); use "
                     "score.runtime=torch or score.precision=fp32")
             self._eager = None  # checked: the eager model's memory goes back
 
 
 def build_graph_model(prn: nn.Module, product: str, version: str, image_size: tuple[int, int],
-                      runtime: str, precision: str, threads: int, streams: int = 1
-                      ) -> GraphModel:
-    """``prn``'s graph on ``runtime``, with a clear error when its package is missing."""
+                      runtime: str, precision: str, threads: int, streams: int = 1,
+                      check_views: np.ndarray | None = None) -> GraphModel:
+    """``prn``'s graph on ``runtime``, checked on ``check_views`` when given, with a clear
+    error when its package is missing."""
     problem = runtime_problem(runtime)
     if problem:
         raise ImportError(problem)
     path = graph_file(prn, product, version, image_size)
-    return GraphModel(prn, path, runtime, precision, threads, streams)
+    return GraphModel(prn, path, runtime, precision, threads, streams, check_views)

@@ -146,15 +146,16 @@ def ref_aupro(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float:
 
 
 def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 0,
-                   version: str | None = None, geometry=None) -> str:
+                   version: str | None = None, geometry=None, check_views: bool = False) -> str:
     """Register a PRN for ``product`` without training: its normal reference and patch-memory
     prior fitted on ``normals`` (H x W x 3 uint8, any size; the last quarter calibrates the
     prior), the decoder's zero-initialised last convolution randomised so the head's own path
     reaches the output too, and the threshold at the median score of the calibration normals. With
     ``model.weights=none`` the backbone is random: scores mean nothing (plumbing and
     export-equivalence tests only). ``geometry`` (default: the whole image stretched to
-    ``data.image_size``) cuts the normals into the views the reference is fitted on. Returns
-    the version."""
+    ``data.image_size``) cuts the normals into the views the reference is fitted on.
+    ``check_views``: register the calibration normals' views as the version's check views
+    (as training registers held-out views). Returns the version."""
     import torch
 
     from prn_ray import registry
@@ -166,7 +167,8 @@ def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 
     geometry = geometry or Geometry(as_size(cfg.data.image_size))
     torch.manual_seed(seed)
     prn = build_prn(cfg.model, geometry.size, storage_cfg=cfg.storage)
-    x = images_to_tensor(np.concatenate([geometry.views(im) for im in normals]))
+    views = np.concatenate([geometry.views(im) for im in normals])
+    x = images_to_tensor(views)
     k = max(1, len(x) * 3 // 4)
     with torch.no_grad():
         feats = prn.backbone(x)
@@ -178,7 +180,7 @@ def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 
         cfg, product, head_state=prn.head.state_dict(), backbone_state=prn.backbone.state_dict(),
         geometry=geometry, calibration={"threshold": threshold, "rule": "median (tests)"},
         metrics={"note": "tests/helpers.publish_fitted: fitted reference, no training"},
-        version=version)
+        version=version, check_views=views[k:] if check_views else None)
 
 
 def demo_images(product: str, n: int, size: int, seed: int, role: int = 1,

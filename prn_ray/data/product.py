@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from prn_ray import geometry as geom
@@ -17,6 +18,11 @@ from prn_ray.config import Config
 from prn_ray.synthesis import epoch_plan
 
 SIZE_SAMPLE = 16  # normal images whose headers decide tiles: auto for a product
+# Held-out images whose views are kept with a registered model for the graph runtimes' parity
+# check (normals, which set the threshold, and defects, where the maps are steepest), and the
+# most views kept: 12 views of 256 px are 2.4 MB beside a ~31 MB model.
+CHECK_IMAGES = {"normal": 4, "anomaly": 2}
+CHECK_VIEWS = 12
 
 
 @dataclass
@@ -53,6 +59,25 @@ class ProductData:
         self.train_normals = [u for u in self.train_normals if u not in bad]
         self.seen = [(u, m) for u, m in self.seen if u not in bad]
         self.val = self.val[~self.val["image_uri"].isin(bad)].reset_index(drop=True)
+
+    def check_views(self, cfg: Config, geometry: geom.Geometry) -> np.ndarray | None:
+        """Views (V x h x w x 3 uint8, V <= :data:`CHECK_VIEWS`) of a few held-out images, as
+        the model sees them, or None without readable held-out images. A tiled image gives
+        tiles spread over its grid. Reads happen here, on the driver, once per trained model."""
+        from prn_ray import images
+
+        picked: list[np.ndarray] = []
+        for label, count in CHECK_IMAGES.items():
+            for uri in self.val[self.val["label"] == label]["image_uri"].tolist()[:count]:
+                try:
+                    img, _ = images.load_pair(uri, None, "skip", cfg.storage, cfg.data)
+                    v = geometry.views(img)
+                except Exception:  # noqa: BLE001 - an unreadable image is only not a check view
+                    continue
+                per_image = max(1, CHECK_VIEWS // sum(CHECK_IMAGES.values()))
+                picked += [v[i] for i in np.linspace(0, len(v) - 1, min(per_image, len(v)))
+                           .round().astype(int)]
+        return np.stack(picked[:CHECK_VIEWS]) if picked else None
 
     def epoch_rows(self, cfg: Config) -> int:
         """Samples in one training epoch (normals + real + simulated slots)."""

@@ -113,7 +113,11 @@ class Scorer:
             try:
                 return self.runner.get(product, res.version), None
             except Exception as exc:  # noqa: BLE001 - becomes error rows, never a crash
-                self._failed[key] = storage.redact(f"{NO_MODEL}: {type(exc).__name__}: {exc}")
+                from prn_ray.runtimes import RuntimeMismatch
+
+                # a graph that disagrees with its model: the model is there, scoring failed
+                why = SCORING_FAILED if isinstance(exc, RuntimeMismatch) else NO_MODEL
+                self._failed[key] = storage.redact(f"{why}: {type(exc).__name__}: {exc}")
                 return None, self._failed[key]
 
     def _decoded(self, batch: dict[str, np.ndarray], idx: np.ndarray, product: str):

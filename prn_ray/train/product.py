@@ -154,6 +154,7 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
                          "stopped": state.stopped, "run_id": run_id,
                          "quarantined": data.quarantine,
                          "backbone_weights": backbone.weights_label},
+                check_views=data.check_views(cfg, geometry),
             )
         result = ProductResult(
             product=product, status="ok", version=version, epochs=state.epoch + 1,

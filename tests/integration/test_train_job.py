@@ -198,10 +198,13 @@ def test_registry_layout_and_loading(trained):
         root = f"{cfg.storage.models_uri}/{product}"
         assert storage.read_text(f"{root}/LATEST").strip() == version
         names = {u.rsplit("/", 1)[1] for u in storage.list_files(f"{root}/{version}")}
-        assert names == set(registry.REQUIRED_FILES)
+        assert names == {*registry.REQUIRED_FILES, registry.CHECK_VIEWS_FILE}
         assert registry.list_versions(cfg.storage, product) == [version]
         mv = registry.load(cfg.storage, product)
         assert mv.version == version and mv.image_size == (64, 64)
+        # held-out views for the graph runtimes' check, as the model sees them
+        assert mv.check_views.dtype == np.uint8 and mv.check_views.shape[1:] == (64, 64, 3)
+        assert 1 <= len(mv.check_views) <= 12 and mv.check_views.std() > 0
         assert not mv.geometry.tiled
         assert mv.calibration["rule"] in ("f1", "fpr") and np.isfinite(mv.threshold)
         assert mv.metrics["epochs"] == cfg.train.epochs

@@ -165,3 +165,26 @@ def test_stitched_scores_follow_the_items():
     part = stitch_items(pixelwise(views[1:2]), np.array([5]), np.array([1]), hs[:1], ws[:1],
                         g, rule)
     assert part[0].score == pytest.approx(pixelwise(views[1:2]).max())
+
+
+@pytest.mark.parametrize("kind", ["topk_mean", "max", "area"])
+def test_score_rule_on_a_stitched_map_is_the_models_image_score(kind):
+    """ScoreRule scores stitched maps without the model's full sort (a partition of the top k):
+    the same value as ``image_score`` on every size, k larger than the map included, and a map
+    with pixels no view reached (NaN) stays NaN, so the scorer turns it into an error row."""
+    import torch
+
+    from prn_ray.model.prn import image_score
+
+    rng = np.random.default_rng(3)
+    for shape in [(4, 6), (10, 10), (256, 256), (618, 927)]:
+        m = (rng.random(shape) ** 4).astype(np.float32)
+        want = float(image_score(torch.from_numpy(m)[None, None], kind, 100, 9)[0])
+        # from the definition, independently of both implementations
+        ref = {"topk_mean": np.sort(m.ravel())[::-1][:100].astype(np.float64).mean(),
+               "max": m.max()}.get(kind, want)
+        assert ScoreRule(kind, 100, 9)(m) == pytest.approx(want, abs=1e-6)
+        assert ScoreRule(kind, 100, 9)(m) == pytest.approx(ref, abs=1e-6)
+    m = np.ones((20, 20), np.float32)
+    m[3, 3] = np.nan
+    assert np.isnan(ScoreRule(kind, 100, 9)(m))

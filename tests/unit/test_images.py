@@ -347,3 +347,17 @@ def test_unreadable_storage_error_is_redacted(monkeypatch, tmp_path):
                        data_cfg=DataConfig(), geometry=16)
     assert out["error"][0].startswith("unreadable: ")
     assert secret not in out["error"][0]
+
+
+def test_fast_png_is_lossless_for_16_bit_maps():
+    """The scorer's map encoding (zlib level 1, sub filter) reads back bit for bit."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    smooth = cv2.resize(rng.random((12, 20)).astype(np.float32), (373, 248))
+    for arr in ((smooth * 65535).astype(np.uint16),
+                rng.integers(0, 65536, (31, 17)).astype(np.uint16)):
+        back = cv2.imdecode(np.frombuffer(encode_png(arr, fast=True), np.uint8),
+                            cv2.IMREAD_UNCHANGED)
+        assert back.dtype == np.uint16
+        np.testing.assert_array_equal(back, arr)

@@ -172,3 +172,60 @@ def test_bad_runtime_settings_exit_2_before_anything_runs(tmp_path, capsys, monk
     assert run_job(job_main("score"), [*base, "--set", "score.runtime=openvino"]) == 2
     err = capsys.readouterr().err
     assert "needs the openvino package" in err and "cpu-inference" in err, err
+
+
+def test_check_views_refuse_a_disagreeing_graph_at_load(world, tmp_path, monkeypatch):
+    """With the held-out views registered beside a version, a graph is compared before it scores
+    anything: the stale graph of another model is refused at construction."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "graphs"))
+    from prn_ray import registry
+
+    mv = registry.load(world["cfg"].storage, "whole")
+    assert mv.check_views is None  # registered without them: the first batch is compared
+    path = graph_file(mv.build().eval(), "whole", mv.version, mv.image_size)
+    views = np.stack(demo_images("fabric", 4, 64, seed=5))
+    other = mv.build().eval()
+    torch.nn.init.normal_(other.head.decoder.head.weight, std=0.5)
+    with pytest.raises(RuntimeMismatch, match="held-out check views"):
+        GraphModel(other, path, "openvino", "fp32", threads=1, check_views=views)
+    same = GraphModel(mv.build().eval(), path, "openvino", "fp32", threads=1, check_views=views)
+    assert same.check["on"] == "held-out check views" and same.check["views"] == 4
+    assert same.check["max_abs_map"] <= TOLERANCE["fp32"][0]
+
+
+def test_a_stale_graph_becomes_scoring_failed_rows_before_any_read(tmp_path, monkeypatch):
+    """A version registered with check views, and in the node's cache a graph of another model
+    under its name: every row of the product is a scoring_failed row naming the check, and the
+    other product's rows are scored."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "graphs"))
+    from prn_ray import registry
+    from prn_ray.export import ImageModel, example_batch, export_graph
+
+    cfg = load_config(TINY, [f"storage.models_uri={tmp_path}/models", "data.image_size=64"])
+    normals = demo_images("fabric", 8, 64, seed=0)
+    publish_fitted(cfg, "stale", normals, check_views=True)
+    publish_fitted(cfg, "fresh", normals, seed=1, check_views=True)
+    mv = registry.load(cfg.storage, "stale")
+    assert mv.check_views is not None and mv.check_views.shape == (2, 64, 64, 3)
+    other = registry.load(cfg.storage, "fresh").build().eval()
+    path = graph_file(mv.build().eval(), "stale", mv.version, mv.image_size)
+    path.write_bytes(export_graph(ImageModel(other, "uint8").eval(),
+                                  example_batch(mv.image_size, "uint8", 2), "onnx"))
+    files = []
+    for product in ("stale", "fresh"):
+        for i, im in enumerate(demo_images("fabric", 2, 80, seed=9)):
+            p = tmp_path / "in" / product / f"{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(encode_png(im))
+            files.append((product, str(p)))
+    scorer = Scorer(resolve_models(cfg, ["stale", "fresh"]), cfg.storage,
+                    {"stale": 0, "fresh": 1}, threads=1, data_cfg=cfg.data,
+                    runtime="onnxruntime", precision="fp32")
+    out = scorer({"product": np.array([p for p, _ in files], dtype=object),
+                  "image_uri": np.array([u for _, u in files], dtype=object)}).to_pylist()
+    for r in out:
+        if r["product"] == "stale":
+            assert r["error"].startswith("scoring_failed: RuntimeMismatch")
+            assert "held-out check views" in r["error"] and r["score"] is None
+        else:
+            assert r["error"] is None and r["score"] is not None
