@@ -16,6 +16,8 @@ Exit status: 0 every file handled (rows with errors included); 1 the run failed;
 
 from __future__ import annotations
 
+import sys
+
 from prn_ray.cli import check_runtime, config_from_args, job_parser, print_config
 
 
@@ -49,10 +51,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error(f"--input {storage.redact(args.input)}: no files in it")
     import torch
 
-    summary = predict(cfg, args.product, args.input, args.out, version=args.version,
-                      batch_size=args.batch_size,
-                      threads=args.threads or torch.get_num_threads(),
-                      say=lambda msg: progress(args.product, msg))
+    from prn_ray.runtimes import RuntimeMismatch
+
+    try:
+        summary = predict(cfg, args.product, args.input, args.out, version=args.version,
+                          batch_size=args.batch_size,
+                          threads=args.threads or torch.get_num_threads(),
+                          say=lambda msg: progress(args.product, msg))
+    except RuntimeMismatch as exc:  # the graph disagrees with its model: nothing was written
+        print(f"error: {storage.redact(str(exc))}", file=sys.stderr, flush=True)
+        return 1
     c = summary.counts
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.errors_by_reason().items()))
     progress(args.product, f"{c['files']} files: {c['scored']} scored, {c['anomalous']} "

@@ -193,7 +193,8 @@ def test_check_views_refuse_a_disagreeing_graph_at_load(world, tmp_path, monkeyp
     assert same.check["max_abs_map"] <= TOLERANCE["fp32"][0]
 
 
-def test_a_stale_graph_becomes_scoring_failed_rows_before_any_read(tmp_path, monkeypatch):
+def test_a_stale_graph_becomes_scoring_failed_rows_before_any_read(tmp_path, monkeypatch,
+                                                                     capsys):
     """A version registered with check views, and in the node's cache a graph of another model
     under its name: every row of the product is a scoring_failed row naming the check, and the
     other product's rows are scored."""
@@ -218,6 +219,16 @@ def test_a_stale_graph_becomes_scoring_failed_rows_before_any_read(tmp_path, mon
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(encode_png(im))
             files.append((product, str(p)))
+    # predict refuses the same graph at load: one line, exit 1, nothing written
+    out_dir = tmp_path / "predicted"
+    argv = ["--config", str(TINY), "--set", f"storage.models_uri={tmp_path}/models",
+            "--set", "data.image_size=64", "--set", "score.runtime=onnxruntime",
+            "--product", "stale", "--input", str(tmp_path / "in" / "stale"),
+            "--out", str(out_dir)]
+    assert run_job(job_main("predict"), argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: score.runtime onnxruntime")
+    assert "held-out check views" in err[0] and not out_dir.exists()
     scorer = Scorer(resolve_models(cfg, ["stale", "fresh"]), cfg.storage,
                     {"stale": 0, "fresh": 1}, threads=1, data_cfg=cfg.data,
                     runtime="onnxruntime", precision="fp32")
