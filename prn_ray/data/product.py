@@ -67,6 +67,7 @@ class ProductData:
         from prn_ray import images
 
         picked: list[np.ndarray] = []
+        per_image = max(1, CHECK_VIEWS // sum(CHECK_IMAGES.values()))
         for label, count in CHECK_IMAGES.items():
             for uri in self.val[self.val["label"] == label]["image_uri"].tolist()[:count]:
                 try:
@@ -74,7 +75,6 @@ class ProductData:
                     v = geometry.views(img)
                 except Exception:  # noqa: BLE001 - an unreadable image is only not a check view
                     continue
-                per_image = max(1, CHECK_VIEWS // sum(CHECK_IMAGES.values()))
                 picked += [v[i] for i in np.linspace(0, len(v) - 1, min(per_image, len(v)))
                            .round().astype(int)]
         return np.stack(picked[:CHECK_VIEWS]) if picked else None
