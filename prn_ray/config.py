@@ -159,6 +159,9 @@ class TrainConfig:
     loss_lambda: float = 5.0
     # With model.residual_prior: weight of the same loss on the learned correction alone.
     correction_loss_weight: float = 1.0
+    # Seen defects with an image label only (no mask): weight of the multiple-instance term
+    # (the image's top-k logits, model.score_topk, must be high; see prn_ray.model.loss).
+    image_label_weight: float = 1.0
     focal_gamma: float = 4.0
     focal_alpha: float = 0.5
     grad_clip: float | None = 1.0
@@ -222,6 +225,11 @@ class TuneConfig:
 class ScoreConfig:
     output_uri: str = "runs/scores"
     threshold: float | None = None  # overrides each product's calibrated threshold
+    # How a product's threshold is chosen on its held-out images: f1, fpr:<x> (at most that
+    # share of good parts flagged) or recall:<x> (at least that share of defects caught).
+    # Training calibrates with it; scoring with another rule re-derives the threshold from the
+    # held-out scores the model keeps. Unset: train.calibration (f1), the older spelling.
+    threshold_rule: str | None = None
     model_version: str | None = None  # pin a version instead of LATEST
     batch_size: int = 16
     # Who runs the model in the scoring actors and predict: PyTorch eager, or the model's

@@ -109,6 +109,18 @@ def version_pins(v: str) -> str | None:
     return None
 
 
+def threshold_rule(v: str) -> str | None:
+    """``f1``, ``fpr:<fraction>`` or ``recall:<fraction>`` (prn_ray.thresholds)."""
+    from prn_ray.thresholds import ThresholdRuleError, parse_rule
+
+    try:
+        parse_rule(v)
+    except ThresholdRuleError as exc:
+        why = str(exc).split(": ", 1)[-1]
+        return f"must be f1, fpr:<fraction> or recall:<fraction> ({why})"
+    return None
+
+
 def source_weights(v: dict[str, float]) -> str | None:
     unknown = sorted(set(v) - set(SYNTHESIS_SOURCES))
     if unknown:
@@ -182,6 +194,7 @@ RULES: dict[str, Rule] = {
     "train.weight_decay": at_least(0), "train.warmup_steps": at_least(0),
     "train.schedule": TYPED, "train.loss_lambda": at_least(0),
     "train.correction_loss_weight": at_least(0), "train.focal_gamma": at_least(0),
+    "train.image_label_weight": at_least(0),
     "train.focal_alpha": between(0, 1), "train.grad_clip": above(0), "train.precision": TYPED,
     "train.channels_last": TYPED, "train.seed": at_least(0), "train.val_every_epochs": at_least(1),
     "train.val_normal_views": at_least(1),
@@ -200,6 +213,7 @@ RULES: dict[str, Rule] = {
     "tune.output_uri": PATH,
     "score.output_uri": PATH, "score.threshold": lambda v: None if _number(v) else
     "must be a finite number",
+    "score.threshold_rule": threshold_rule,
     "score.model_version": version_pins, "score.batch_size": at_least(1),
     "score.runtime": TYPED, "score.precision": TYPED,
     "score.actors": at_least(1), "score.cpus_per_actor": above(0), "score.incremental": TYPED,

@@ -47,6 +47,18 @@ FEATURE_COLUMNS = ("feat0", "feat1", "feat2", "feat3")  # backbone levels, strid
 # real defects, never the training defects). SYNTHETIC = simulated anomalies.
 GROUP_NORMAL, GROUP_REAL, GROUP_SYNTHETIC, GROUP_REAL_EXTENDED = 0, 1, 2, 3
 REAL_GROUPS = (GROUP_REAL, GROUP_REAL_EXTENDED)
+# Mask value of a pixel whose label is not known: an anomalous image without a drawn mask
+# (an image-level label, e.g. from a reject bin) has this value everywhere. Masks are uint8
+# {0, 1} otherwise, so the value cannot be mistaken for a defect pixel; every consumer of masks
+# (the loss, validation, evaluation, synthesis) treats it as "not known", never as 0 or 1.
+MASK_UNKNOWN = 255
+
+
+def image_labelled(mask) -> bool:
+    """Whether a mask (array-like) carries an image-level label only (any pixel unknown)."""
+    import numpy as np
+
+    return bool((np.asarray(mask) == MASK_UNKNOWN).any())
 
 # ----------------------------------------------------------------------------- JSON, tensors
 

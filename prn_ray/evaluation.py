@@ -24,7 +24,7 @@ import pandas as pd
 from prn_ray import images, metrics, storage
 from prn_ray.config import Config, DataConfig, StorageConfig
 from prn_ray.console import Every, detail, progress, rate_line
-from prn_ray.contracts import new_id
+from prn_ray.contracts import image_labelled, new_id
 from prn_ray.data.catalog import build_catalog
 from prn_ray.geometry import Geometry, resize_to
 from prn_ray.inference import ScoreRule, in_batches, stitch_items
@@ -68,7 +68,7 @@ class EvalScorer:
         for i in range(n):
             try:
                 img, mask = images.load_pair(batch["image_uri"][i], batch["mask_uri"][i],
-                                             "required" if str(batch["label"][i]) == "anomaly"
+                                             "anomaly" if str(batch["label"][i]) == "anomaly"
                                              else "skip", self.storage_cfg, self.data_cfg)
             except Exception as exc:  # noqa: BLE001 - becomes the row's error
                 errors[i] = images.row_error(exc)
@@ -113,10 +113,12 @@ def _accumulate(product: str, uris: list[str], labels: np.ndarray, defect_types:
                 masks: list[np.ndarray], maps: list[np.ndarray], scores: np.ndarray,
                 ms_per_image: float, threshold: float | None, **fields) -> ProductEvaluation:
     acc = metrics.PixelMetricAccumulator(fpr_limit=0.3)
-    if len({m.shape for m in maps}) == 1:
-        acc.update(np.stack(maps), np.stack(masks))
+    # A defect known by its image label only has no pixel truth: image metrics only.
+    known = [(a, m) for a, m in zip(maps, masks) if not image_labelled(m)]
+    if known and len({a.shape for a, _ in known}) == 1:
+        acc.update(np.stack([a for a, _ in known]), np.stack([m for _, m in known]))
     else:  # images of several sizes: one image per update
-        for amap, mask in zip(maps, masks):
+        for amap, mask in known:
             acc.update(amap, mask)
     acc.update(scores=scores, labels=labels)
     return ProductEvaluation.from_accumulator(
@@ -142,7 +144,8 @@ def evaluate_product(cfg: Config, product: str, test: pd.DataFrame, version: str
     from prn_ray import registry
     from prn_ray.data.ray_data import actor_pool_map, frame_dataset
 
-    version, geometry, threshold = registry.describe(cfg.storage, product, version)
+    version, geometry, threshold = registry.describe(cfg.storage, product, version,
+                                                     cfg.score.threshold_rule)
     mv = registry.load(cfg.storage, product, version)
     frame = test[["image_uri", "mask_uri", "label", "defect_type"]].reset_index(drop=True)
     frame["mask_uri"] = frame["mask_uri"].fillna("")
@@ -182,7 +185,8 @@ def evaluate_product(cfg: Config, product: str, test: pd.DataFrame, version: str
         info={"backbone": mv.config.model.backbone,
               "weights": mv.metrics.get("backbone_weights", mv.config.model.weights),
               "input": geometry.describe(), "resolution": resolution(geometry, shapes),
-              "test images": len(uris), "unreadable test images": len(errors)})
+              "test images": len(uris), "unreadable test images": len(errors)},
+        calibration=mv.calibration)
     return ProductResult(evaluation, maps, masks, uris, errors)
 
 
@@ -300,6 +304,8 @@ def evaluate_scores(cfg: Config, scores_uri: str, date: str | None = None,
                                           cfg.data.mask_threshold)
             labels.append(t["label"] == "anomaly")
             scores.append(float(r.score))
+            if t["label"] == "anomaly" and not t["mask_uri"]:
+                continue  # an image label only: no pixel truth, image metrics only
             acc.update(prob, mask)  # one image per update: resolutions may differ
         acc.update(scores=np.array(scores), labels=np.array(labels))
         ev = ProductEvaluation.from_accumulator(
@@ -308,12 +314,26 @@ def evaluate_scores(cfg: Config, scores_uri: str, date: str | None = None,
             threshold=float(part["threshold"].iloc[0]),
             model_version=",".join(sorted(part["model_version"].dropna().unique())),
             info={"rows": len(part), "resolution": "original",
-                  "left out (error, not in the test split)": n_rows - len(part)})
+                  "left out (error, not in the test split)": n_rows - len(part)},
+            calibration=_calibration(cfg, product, part["model_version"].dropna()))
         evaluations.append(ev)
         detail(product, "scores vs ground truth: " + ", ".join(
             f"{k} {ev.metric(k):.4f}" for k in ("image_auroc", "pixel_auroc", "pixel_ap")))
     _write(evaluations, out_uri, cfg, report, title="PRN evaluation: nightly scores")
     return evaluations, out_uri
+
+
+def _calibration(cfg: Config, product: str, versions: pd.Series) -> dict[str, Any]:
+    """The calibration of the one model version the scores came from (none for a mix)."""
+    from prn_ray import registry
+
+    names = sorted(set(versions))
+    if len(names) != 1:
+        return {}
+    try:
+        return registry.calibration(cfg.storage, product, names[0])
+    except Exception:  # noqa: BLE001 - a figure of the report, never a failed evaluation
+        return {}
 
 
 def _write(evaluations: list[ProductEvaluation], out_uri: str, cfg: Config, report: bool,

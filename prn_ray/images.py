@@ -31,6 +31,7 @@ import numpy as np
 
 from prn_ray import storage
 from prn_ray.config import DataConfig, StorageConfig
+from prn_ray.contracts import MASK_UNKNOWN
 from prn_ray.geometry import VIEW_ALL, VIEW_RANDOM, Geometry, as_size, resize_to, view_seed
 from prn_ray.image_headers import (
     REASONS,
@@ -257,15 +258,17 @@ def _which(view: int, seed: Any, n: int) -> list[int]:
 
 def load_pair(image_uri: Any, mask_uri: Any, mask_mode: str, storage_cfg: StorageConfig | None,
               data_cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
-    """(image H x W x 3 RGB, mask H x W {0, 1} or None) at the image's own size, or
-    :class:`ImageError`. ``mask_mode``: ``required`` (an anomaly: a mask must exist),
-    ``optional`` (read when named) or ``skip``."""
+    """(image H x W x 3 RGB, mask H x W uint8 or None) at the image's own size, or
+    :class:`ImageError`. ``mask_mode``: ``anomaly`` (an anomalous image: its mask when one is
+    named -- a named mask that cannot be read is an error --, else an image-level label: a mask
+    of :data:`~prn_ray.contracts.MASK_UNKNOWN` everywhere), ``optional`` (read when named) or
+    ``skip``."""
     if _empty(image_uri):
         raise ImageError("unreadable", "row has no image_uri")
     data = _read(str(image_uri), storage_cfg, "unreadable")
     img = decode_image(data, data_cfg.max_image_pixels, data_cfg.min_image_side)
-    if mask_mode == "required" and _empty(mask_uri):
-        raise ImageError("mask_missing", "anomalous image has no mask_uri")
+    if mask_mode == "anomaly" and _empty(mask_uri):
+        return img, np.full(img.shape[:2], MASK_UNKNOWN, np.uint8)
     if mask_mode == "skip" or _empty(mask_uri):
         return img, None
     mdata = _read(str(mask_uri), storage_cfg, "mask_unreadable")
@@ -282,7 +285,7 @@ def row_error(exc: Exception) -> str:
 def _decode_row(
     image_uri: Any,
     mask_uri: Any,
-    mask_mode: str,  # "required" | "optional" | "skip"
+    mask_mode: str,  # "anomaly" | "optional" | "skip"
     view: int,
     seed: Any,
     storage_cfg: StorageConfig | None,
@@ -330,10 +333,11 @@ def decode_batch(
     row. A failed row stays one row, with zero pixels, view 0 and its error.
 
     Masks: without a ``mask_uri`` column (scoring) masks are zeros. With it and a ``label``
-    column, a row labelled ``anomaly`` must have a readable mask (empty -> ``mask_missing``) and a
-    ``normal`` row gets zeros without reading its mask; without a ``label`` column each row's mask
-    is read when its ``mask_uri`` is non-empty. Reads run on a small thread pool so
-    object-store latency overlaps.
+    column, a row labelled ``anomaly`` gets its mask when one is named (one that cannot be read is
+    the row's error) and :data:`~prn_ray.contracts.MASK_UNKNOWN` everywhere when none is (an
+    image-level label); a ``normal`` row gets zeros without reading its mask; without a
+    ``label`` column each row's mask is read when its ``mask_uri`` is non-empty. Reads run on a
+    small thread pool so object-store latency overlaps.
     """
     data_cfg = data_cfg or DataConfig()
     geom = as_geometry(geometry if geometry is not None else data_cfg.image_size)
@@ -347,7 +351,7 @@ def decode_batch(
     if not has_mask_col:
         modes = ["skip"] * n
     elif "label" in batch:
-        modes = ["required" if str(v) == "anomaly" else "skip" for v in batch["label"]]
+        modes = ["anomaly" if str(v) == "anomaly" else "skip" for v in batch["label"]]
     else:
         modes = ["optional"] * n
     views = batch["view"] if "view" in batch else np.full(n, VIEW_ALL, np.int64)

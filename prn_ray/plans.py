@@ -14,6 +14,7 @@ from prn_ray import storage
 from prn_ray.config import Config
 from prn_ray.console import format_table
 from prn_ray.contracts import LABELS, SPLITS
+from prn_ray.data.catalog import describe_seen, seen_defect_counts
 from prn_ray.studies import tune_root
 
 
@@ -100,7 +101,10 @@ def train_plan(cfg: Config, catalog: pd.DataFrame, products: list[str], run_id: 
     runs = storage.join(cfg.storage.runs_uri, run_id or "train-<new id>")
     lines = [f"dry run: train {len(products)} product(s): {', '.join(products)}",
              split_counts(catalog[catalog["product"].isin(products)]),
-             "(test images are never read by training)", budget(cfg),
+             "(test images are never read by training)",
+             *(f"  {p}: " + describe_seen(*c) for p, c in
+               seen_defect_counts(catalog[catalog["product"].isin(products)]).items()),
+             budget(cfg),
              *inputs(cfg, catalog, products), *resources(cfg, len(products))]
     for product, hp in sorted((tuned or {}).items()):
         lines.append(f"tuned overrides for {product}: {hp}")

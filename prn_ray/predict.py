@@ -102,7 +102,8 @@ def predict(cfg: Config, product: str, input_uri: str, out_uri: str, *,
     from prn_ray.runner import RegisteredModels
 
     scfg = cfg.storage
-    version, geometry, threshold = registry.describe(scfg, product, version)
+    version, geometry, threshold = registry.describe(scfg, product, version,
+                                                     cfg.score.threshold_rule)
     if cfg.score.threshold is not None:
         threshold = float(cfg.score.threshold)
     runner = RegisteredModels(scfg, threads=threads, runtime=cfg.score.runtime,  # a GPU if any

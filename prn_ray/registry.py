@@ -31,6 +31,7 @@ from prn_ray.config import Config, StorageConfig, from_dict
 from prn_ray.contracts import cpu_tensors, dumps, id_time, new_id
 from prn_ray.errors import RegistryError  # noqa: F401 - raised here, caught by the CLIs
 from prn_ray.geometry import Geometry, as_size
+from prn_ray.thresholds import ThresholdRuleError, threshold_for
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written: resolving a model
     import torch  # (the scoring driver's part) stays free of it
@@ -168,21 +169,35 @@ def geometry_of(config_doc: dict[str, Any]) -> Geometry:
     return Geometry(as_size(config_doc["image_size"]))
 
 
-def describe(storage_cfg: StorageConfig, product: str, version: str | None = None
-             ) -> tuple[str, Geometry, float]:
-    """(version, geometry, calibrated threshold) of a registered model without reading its
-    weights. Raises :class:`RegistryError` with the reason when the product has no (complete)
-    model."""
+def describe(storage_cfg: StorageConfig, product: str, version: str | None = None,
+             rule: str | None = None) -> tuple[str, Geometry, float]:
+    """(version, geometry, threshold) of a registered model without reading its weights: the
+    calibrated threshold, or the one ``rule`` (``score.threshold_rule``) picks on the model's
+    held-out scores. Raises :class:`RegistryError` with the reason when the product has no
+    (complete) model, or cannot follow ``rule``."""
     version = version or latest_version(storage_cfg, product)
     root = storage.join(storage_cfg.models_uri, product, version) if version else None
     if root is None or not all(storage.exists(storage.join(root, f), storage_cfg)
                                for f in REQUIRED_FILES):
         mv = load(storage_cfg, product, version)  # raises, with the reason
-        return mv.version, mv.geometry, mv.threshold
+        return mv.version, mv.geometry, _threshold(mv.calibration, rule)
     config_doc = json.loads(storage.read_text(storage.join(root, "config.json"), storage_cfg))
     calibration = json.loads(storage.read_text(storage.join(root, "calibration.json"),
                                                storage_cfg))
-    return version, geometry_of(config_doc), float(calibration["threshold"])
+    return version, geometry_of(config_doc), _threshold(calibration, rule)
+
+
+def calibration(storage_cfg: StorageConfig, product: str, version: str) -> dict[str, Any]:
+    """A version's ``calibration.json`` (the threshold, its rule and the held-out figures)."""
+    uri = storage.join(storage_cfg.models_uri, product, version, "calibration.json")
+    return json.loads(storage.read_text(uri, storage_cfg))
+
+
+def _threshold(calibration: dict[str, Any], rule: str | None) -> float:
+    try:
+        return threshold_for(calibration, rule)
+    except ThresholdRuleError as exc:
+        raise RegistryError(str(exc)) from None
 
 
 # Validation metrics a model listing shows: the selection value, then the real-defect metrics.
@@ -204,6 +219,13 @@ class ModelInfo:
     weights: str | None
     selection_metric: str | None  # train.selection_metric of the run that registered it
     metrics: dict[str, float] = field(default_factory=dict)  # LISTED_METRICS that are present
+    # The threshold's rule and what it is expected to cost on the held-out images it was
+    # chosen on: false-alarm rate over n_normal good parts, recall over n_anomalous defects.
+    threshold_rule: str | None = None
+    expected_fpr: float | None = None
+    expected_recall: float | None = None
+    n_normal: int | None = None
+    n_anomalous: int | None = None
 
 
 def list_models(storage_cfg: StorageConfig, products: list[str] | None = None
@@ -237,7 +259,12 @@ def list_models(storage_cfg: StorageConfig, products: list[str] | None = None
                 backbone=cfg.get("model", {}).get("backbone"),
                 weights=cfg.get("model", {}).get("weights"),
                 selection_metric=cfg.get("train", {}).get("selection_metric"),
-                metrics={k: validation[k] for k in LISTED_METRICS if k in validation}))
+                metrics={k: validation[k] for k in LISTED_METRICS if k in validation},
+                threshold_rule=calibration.get("threshold_rule", calibration.get("rule")),
+                expected_fpr=calibration.get("val_fpr"),
+                expected_recall=calibration.get("val_tpr"),
+                n_normal=calibration.get("n_normal"),
+                n_anomalous=calibration.get("n_real_anomalous") or calibration.get("n_anomalous")))
     return out
 
 

@@ -257,6 +257,12 @@ def is_file(uri: str, cfg: StorageConfig | None = None) -> bool:
     return _info(uri, cfg).type == pafs.FileType.File
 
 
+def size(uri: str, cfg: StorageConfig | None = None) -> int | None:
+    """Bytes of a stored file, or None when there is no file at ``uri``."""
+    info = _info(uri, cfg)
+    return int(info.size) if info.type == pafs.FileType.File else None
+
+
 def list_files(
     uri: str,
     cfg: StorageConfig | None = None,

@@ -10,6 +10,8 @@
     # freeze the listing of an MVTec-style tree (splits as in the tree)
     python jobs/make_manifest.py mvtec --root s3://bucket/mvtec --out s3://bucket/mvtec.parquet \\
         --endpoint-url http://minio:9000
+    # ELPV solar cells (pip install elpv-dataset): defect probability 0 / 1, cell type = product
+    python jobs/make_manifest.py elpv --out runs/elpv/elpv.parquet
     (or: prn-ray make-manifest ...)
 
 Use the manifest with ``--set data.manifest=<out>``; the seen/validation split is applied when
@@ -69,9 +71,30 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     vs.add_argument("--out", required=True)
     vs.add_argument("--relative", action="store_true")
 
+    ev = sub.add_parser("elpv", parents=[shared],
+                        help="ELPV solar cells: labels.csv (path, defect probability, type)")
+    ev.add_argument("--labels", default=None,
+                    help="ELPV's labels.csv (default: the one of the installed elpv-dataset "
+                         "package: pip install elpv-dataset)")
+    ev.add_argument("--test-normal-fraction", type=float, default=0.3)
+    ev.add_argument("--split-seed", type=int, default=42)
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--relative", action="store_true")
+
     args = p.parse_args(argv)
     if args.layout == "paired-mask" and not 0 <= args.test_normal_fraction < 1:
         p.error(f"--test-normal-fraction must be >= 0 and < 1, got {args.test_normal_fraction}")
+    if args.layout == "elpv" and not 0 < args.test_normal_fraction < 1:
+        p.error(f"--test-normal-fraction must be > 0 and < 1, got {args.test_normal_fraction}")
+    if args.layout == "elpv" and args.labels is None:
+        import importlib.util
+        import os
+
+        spec = importlib.util.find_spec("elpv_dataset")
+        if spec is None or not spec.origin:
+            p.error("no --labels and the elpv-dataset package is not installed "
+                    "(pip install elpv-dataset)")
+        args.labels = os.path.join(os.path.dirname(spec.origin), "data", "labels.csv")
 
     from prn_ray import storage
     from prn_ray.config import StorageConfig
@@ -100,6 +123,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     elif args.layout == "visa":
         df = manifest.visa_manifest(args.root, scfg, split_csv=args.split_csv,
                                     objects=args.objects)
+    elif args.layout == "elpv":
+        df = manifest.elpv_manifest(args.labels, scfg,
+                                    test_normal_fraction=args.test_normal_fraction,
+                                    split_seed=args.split_seed)
+        print(f"left out {df.attrs['left_out']} cells of uncertain label (probability 1/3, 2/3)")
     else:
         df = scan_mvtec(args.root, scfg)
     manifest.write_manifest(df, args.out, scfg, relative=args.relative)

@@ -23,7 +23,10 @@ Test data is never moved into ``train``, ``seen`` or ``val`` except by step 1.
 Reporting (:func:`build_catalog`): products without normal training images are dropped; products
 without any anomaly stay (they train on synthetic anomalies only and cannot be evaluated on real
 defects) with a warning; anomalous images without a mask stay in the table with an empty
-``mask_uri`` and are listed (their rows fail in decoding with ``mask_missing``); with
+``mask_uri``: a seen one is a defect known by its image label (it trains through the
+multiple-instance loss, :mod:`prn_ray.model.loss`), a test one counts in the image metrics only
+(both are counted in the problems); a seen defect's mask file of 0 bytes is listed (it is
+neither kind: its image is quarantined when training decodes it); with
 ``check_masks=True`` mask and image sizes are compared from their headers. Everything is returned
 in ``Catalog.problems`` and logged; :class:`CatalogError` is raised when nothing trainable is left.
 """
@@ -228,6 +231,36 @@ def _check_mask_sizes(df: pd.DataFrame, cfg: StorageConfig | None) -> list[str]:
         return [r for r in pool.map(check, items) if r]
 
 
+def _empty_masks(uris: list[str], cfg: StorageConfig | None) -> list[str]:
+    """The mask files among ``uris`` that exist with 0 bytes (a missing one is the decode's
+    ``mask_missing``). One metadata request each: only the few seen defects are asked."""
+    def empty(uri: str) -> bool:
+        try:
+            return storage.size(uri, cfg) == 0
+        except OSError:
+            return False  # unreadable: the decode reports it
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return [u for u, e in zip(uris, pool.map(empty, uris)) if e]
+
+
+def seen_defect_counts(df: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """Per product, the seen anomalies (training and validation) with a mask and with an image
+    label only."""
+    rows = df[(df["label"] == "anomaly") & df["split"].isin(["seen", "val"])]
+    out = {}
+    for product, group in rows.groupby("product", sort=True):
+        unmasked = int((group["mask_uri"].fillna("") == "").sum())
+        out[str(product)] = (len(group) - unmasked, unmasked)
+    return out
+
+
+def describe_seen(masked: int, unmasked: int) -> str:
+    """``12 seen anomalies (10 with masks, 2 with image labels only)``."""
+    return (f"{masked + unmasked} seen anomalies ({masked} with masks, {unmasked} with image "
+            "labels only)")
+
+
 def build_catalog(cfg: Config, *, check_masks: bool = False) -> Catalog:
     """Catalog ``cfg.data.root`` (MVTec tree) or ``cfg.data.manifest``, restricted to
     ``cfg.data.products``, with the seen/validation split applied. See the module doc for what
@@ -274,11 +307,25 @@ def build_catalog(cfg: Config, *, check_masks: bool = False) -> Catalog:
             )
         elif not (anomalies["split"] == "test").any():
             problems.append(f"{product}: no test anomalies left for evaluation")
-        no_mask = anomalies[anomalies["mask_uri"] == ""]["image_uri"].tolist()
-        if no_mask:
+        trained = anomalies[anomalies["split"].isin(["seen", "val"])]
+        unmasked = int((trained["mask_uri"] == "").sum())
+        if unmasked:
             problems.append(
-                f"{product}: {len(no_mask)} anomalous image(s) without a mask (rows fail with "
-                f"mask_missing): {listed(no_mask)}"
+                f"{product}: {unmasked} of {len(trained)} seen anomalies have no mask: they "
+                "train from their image label only"
+            )
+        untested = anomalies[(anomalies["split"] == "test") & (anomalies["mask_uri"] == "")]
+        if len(untested):
+            problems.append(
+                f"{product}: {len(untested)} test anomalies have no mask: they count in the "
+                "image metrics only"
+            )
+        empty = _empty_masks(trained[trained["mask_uri"] != ""]["mask_uri"].tolist(), scfg)
+        if empty:
+            problems.append(
+                f"{product}: {len(empty)} seen anomaly mask file(s) are empty (0 bytes): "
+                f"neither a mask nor an image label, those images are quarantined: "
+                f"{listed(empty)}"
             )
     df = df[df["product"].isin(keep)].reset_index(drop=True)
     if check_masks and not df.empty:

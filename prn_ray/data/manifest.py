@@ -354,3 +354,52 @@ def visa_manifest(root_uri: str, storage_cfg: StorageConfig | None = None, *,
                                                          kind="stable").reset_index(drop=True)
     df.attrs["root"] = root_uri
     return df
+
+
+def elpv_manifest(labels_uri: str, storage_cfg: StorageConfig | None = None, *,
+                  test_normal_fraction: float = 0.3, split_seed: int = 42) -> pd.DataFrame:
+    """Sample table of ELPV (Buerhop-Lutz et al. 2018; Deitsch et al. 2019): 2 624 300 x 300
+    electroluminescence images of solar cells, each with the experts' defect probability
+    (0, 1/3, 2/3, 1) and its cell type, listed in ``labels.csv`` (``<path> <probability>
+    <type>`` per line, paths relative to the file) -- there are no masks.
+
+    Protocol: the cell type is the product (``elpv_mono``, ``elpv_poly``); probability 0 is
+    normal, 1 is defective (defect_type ``defective``, an image label: empty ``mask_uri``), the
+    uncertain 1/3 and 2/3 are left out (counted in ``df.attrs["left_out"]``). Normals are
+    sorted and permuted with ``RandomState(split_seed)``; ``test_normal_fraction`` of them test,
+    the rest train; every defective cell goes to ``test``, and the catalog carves the seen
+    defects from there (:func:`~prn_ray.data.catalog.assign_splits`)."""
+    if not 0.0 < test_normal_fraction < 1.0:
+        raise ValueError("test_normal_fraction must be in (0, 1)")
+    try:
+        text = storage.read_text(labels_uri, storage_cfg)
+    except FileNotFoundError:
+        raise CatalogError(f"no ELPV labels file {storage.redact(labels_uri)}") from None
+    folder = posixpath.dirname(base_uri(labels_uri, storage_cfg))
+    rows, left_out = [], 0
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            path, prob, cell = parts[0], float(parts[1]), parts[2]
+        except (IndexError, ValueError):
+            raise CatalogError(f"{storage.redact(labels_uri)} line {n}: expected '<path> "
+                               f"<probability> <type>', got {line!r}") from None
+        if 0.0 < prob < 1.0:
+            left_out += 1
+            continue
+        rows.append({"product": f"elpv_{cell}", "image_uri": storage.join(folder, path),
+                     "label": "normal" if prob == 0.0 else "anomaly",
+                     "defect_type": "good" if prob == 0.0 else "defective", "mask_uri": "",
+                     "split": "test"})
+    df = pd.DataFrame(rows, columns=COLUMNS).sort_values(["product", "image_uri"],
+                                                         kind="stable").reset_index(drop=True)
+    for _, group in df[df["label"] == "normal"].groupby("product", sort=True):
+        idx = group.index.to_numpy()
+        perm = np.random.RandomState(split_seed).permutation(len(idx))
+        train = idx[perm[int(round(test_normal_fraction * len(idx))):]]
+        df.loc[train, "split"] = "train"
+    df.attrs["root"] = folder
+    df.attrs["left_out"] = left_out
+    return df

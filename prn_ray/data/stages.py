@@ -32,6 +32,7 @@ from prn_ray.contracts import (
     GROUP_REAL,
     GROUP_REAL_EXTENDED,
     GROUP_SYNTHETIC,
+    image_labelled,
 )
 from prn_ray.data.product import ProductData
 from prn_ray.geometry import VIEW_ALL, VIEW_RANDOM, Geometry, view_seed
@@ -100,14 +101,16 @@ def validation_frame(data: ProductData, banks: SynthesisBanks, cfg: Config) -> p
     real = val[val["label"] == "anomaly"]
     rows = [{"image_uri": u, "mask_uri": "", "kind": "normal", "group": GROUP_NORMAL}
             for u in normals]
-    rows += [{"image_uri": u, "mask_uri": m or "", "kind": "seen", "group": GROUP_REAL}
-             for u, m in zip(real["image_uri"], real["mask_uri"])]
+    rows += [{"image_uri": u, "mask_uri": m if isinstance(m, str) else "", "kind": "seen",
+              "group": GROUP_REAL} for u, m in zip(real["image_uri"], real["mask_uri"])]
     for i, uri in enumerate(normals):
         extended = bool(i % 2 and banks.val_seen)
         rows.append({"image_uri": uri, "mask_uri": "", "kind": "extended" if extended
                      else "simulated", "group": GROUP_REAL_EXTENDED if extended
                      else GROUP_SYNTHETIC})
     frame = pd.DataFrame(rows, columns=["image_uri", "mask_uri", "kind", "group"])
+    # The decode reads a real defect's mask, or marks it image-labelled when it has none.
+    frame["label"] = np.where(frame["kind"] == "seen", "anomaly", "normal").astype(object)
     frame["item"] = np.arange(len(frame), dtype=np.int64)
     frame["view"] = np.where(frame["kind"].isin(["normal", "seen"]), VIEW_ALL,
                              VIEW_RANDOM).astype(np.int64)
@@ -151,12 +154,17 @@ def decode_uris(uris: list[tuple[str, str]], cfg: Config, geometry: Geometry,
                 views: str = "defect") -> tuple[list[list[tuple[np.ndarray, np.ndarray]]],
                                                 dict[str, str]]:
     """Decode (image, mask) pairs in-process (the small banks) and cut the views a bank keeps:
-    ``defect`` -- the views that show the mask (:meth:`Geometry.defect_views`; untiled, the
-    whole image); ``one`` -- one view per image, drawn from a seed of its position. Returns
-    the views of each readable image, in order, and the errors (uri -> reason)."""
+    ``defect`` -- anomalous images: the views that show the mask
+    (:meth:`Geometry.defect_views`; untiled, the whole image), and for an image without a mask
+    (an image-level label: :data:`~prn_ray.contracts.MASK_UNKNOWN` everywhere) every grid view,
+    since where its defect lies is not known; ``one`` -- normal images: one view per image,
+    drawn from a seed of its position. Returns the views of each readable image, in order, and
+    the errors (uri -> reason)."""
+    mode = "anomaly" if views == "defect" else "optional"
+
     def load(pair: tuple[str, str]):
         try:
-            return images.load_pair(pair[0], pair[1], "optional", cfg.storage, cfg.data)
+            return images.load_pair(pair[0], pair[1], mode, cfg.storage, cfg.data)
         except Exception as exc:  # noqa: BLE001 - reported (quarantined), never a crash
             return images.row_error(exc)
 
@@ -170,7 +178,9 @@ def decode_uris(uris: list[tuple[str, str]], cfg: Config, geometry: Geometry,
             continue
         img, mask = got
         mask = np.zeros(img.shape[:2], np.uint8) if mask is None else mask
-        if views == "defect":
+        if views == "defect" and image_labelled(mask):
+            out.append(list(zip(geometry.views(img), geometry.views(mask, nearest=True))))
+        elif views == "defect":
             out.append(geometry.defect_views(img, mask))
         else:
             k = view_seed(row_seed(cfg.train.seed, VAL_EPOCH, i), geometry.n_views(*img.shape[:2]))
@@ -210,7 +220,8 @@ def build_banks(data: ProductData, others: dict[str, list[str]], cfg: Config,
         seen=seen,
         homologous=np.stack([v[0][0] for v in homo]) if homo else None,
         heterologous=np.stack([v[0][0] for v in hetero]) if hetero else None,
-        val_seen=[v for views in val_views for v in views],
+        # Extended copies paste a defect's pixels: only defects with a drawn mask can give them.
+        val_seen=[v for views in val_views for v in views if not image_labelled(v[1])],
     )
 
 

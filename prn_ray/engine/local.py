@@ -32,7 +32,7 @@ def train_local(cfg: Config, catalog: pd.DataFrame, product: str,
     reference, normals = compute_reference(
         data, cfg, geometry, lambda: reference_batches(data.train_normals, cfg, geometry,
                                                        backbone, tc.batch_size))
-    cache = build_feature_cache(normals, banks, backbone, cfg, geometry)
+    cache = build_feature_cache(normals, banks, backbone, cfg, geometry, data, reference)
     head = PRNHead(cfg.model, backbone.channels, geometry.size,
                    backbone.feature_sizes(geometry.size))
     head.set_reference(reference)

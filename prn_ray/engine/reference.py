@@ -36,6 +36,7 @@ from prn_ray.contracts import FEATURE_COLUMNS
 from prn_ray.data.feature_cache import FeatureCache, seen_features
 from prn_ray.data.product import ProductData
 from prn_ray.data.stages import SynthesisBanks
+from prn_ray.engine.image_labels import keep_strongest_views
 from prn_ray.geometry import Geometry
 from prn_ray.model.reference import NormalReference, fit_reference
 from prn_ray.runner import images_to_tensor
@@ -166,12 +167,22 @@ def fit_from_batches(data: ProductData, cfg: Config, batches: Batches
 
 
 def build_feature_cache(normals: Features, banks: SynthesisBanks, backbone: torch.nn.Module,
-                        cfg: Config, geometry: Geometry) -> FeatureCache:
+                        cfg: Config, geometry: Geometry, data: ProductData,
+                        reference: NormalReference) -> FeatureCache:
     """The features every epoch repeats: the normals' (from the reference pass; none with
-    tiles) and the seen defects' (computed here from the decoded bank: a handful of views)."""
+    tiles) and the seen defects' (computed here from the decoded bank: a handful of views).
+    Tiled, an image-labelled defect keeps only its strongest view
+    (:func:`~prn_ray.engine.image_labels.keep_strongest_views`): ``banks.seen`` and
+    ``data.seen`` lose the others too, so the epoch plan indexes the views that train."""
     dtype = np.float16 if cfg.model.feature_dtype == "float16" else np.float32
     if banks.seen:
         seen, masks = seen_features(banks.seen, backbone, dtype)
+        if geometry.tiled and len(data.seen) == len(banks.seen):
+            keep = keep_strongest_views(data.seen, seen, masks, reference, cfg)
+            if len(keep) < len(banks.seen):
+                seen, masks = [f[keep] for f in seen], masks[keep]
+                banks.seen = [banks.seen[i] for i in keep]
+                data.seen = [data.seen[i] for i in keep]
     else:  # a product without real defects: its plan has no raw seen rows
         x = np.zeros((1, *geometry.size, 3), np.uint8)
         with torch.inference_mode():

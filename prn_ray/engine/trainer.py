@@ -44,7 +44,9 @@ def _shown(record: dict[str, Any]) -> str:
     """The validation figures of a progress line: the real held-out defects first."""
     keys = ("val_real_pixel_ap", "val_real_aupro", "val_real_image_auroc", "val_pixel_ap",
             "val_synth_pixel_ap")
-    return " ".join(f"{k} {record[k]:.3f}" for k in keys if k in record)
+    # A real defect known by its image label has no pixel metrics (nan): not shown.
+    return " ".join(f"{k} {record[k]:.3f}" for k in keys
+                    if k in record and not math.isnan(record[k]))
 
 
 class HeadTrainer:
@@ -72,7 +74,7 @@ class HeadTrainer:
             self.head = self.head.to(memory_format=torch.channels_last)
         self.model: torch.nn.Module = self.head
         self.optimizer = make_optimizer(self.head, tc)
-        self.loss_fn = PRNLoss.from_config(tc)
+        self.loss_fn = PRNLoss.from_config(tc, cfg.model.score_topk)
         self.state, self.best = TrainState(), None
         self.epoch_rows = epoch_rows
         self.budget = Budget.of(cfg, epoch_rows, world)

@@ -12,9 +12,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from prn_ray import metrics
+from prn_ray import metrics, thresholds
 from prn_ray.config import Config
-from prn_ray.contracts import FEATURE_COLUMNS, GROUP_NORMAL, GROUP_SYNTHETIC, REAL_GROUPS
+from prn_ray.contracts import (
+    FEATURE_COLUMNS,
+    GROUP_NORMAL,
+    GROUP_SYNTHETIC,
+    MASK_UNKNOWN,
+    REAL_GROUPS,
+)
 from prn_ray.engine.optim import autocast
 from prn_ray.geometry import resolve
 from prn_ray.inference import ScoreRule, stitch_items
@@ -23,6 +29,7 @@ from prn_ray.model.prn import area_kernel, image_score
 # What a validation view carries besides its features and mask (local and Ray paths alike):
 # its group, the validation image it belongs to, its grid index and that image's own size.
 VALIDATION_EXTRA = ("group", "item", "view", "orig_height", "orig_width")
+MEAN_METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")  # the ``_mean`` of a subset
 
 
 @dataclass
@@ -149,7 +156,10 @@ def validation_metrics(logits: torch.Tensor, val: ValidationSet, cfg: Config
     use the images' stitched scores.
     """
     scores, labels, image_groups = val.image_scores(torch.sigmoid(logits), cfg)
-    masks = val.masks.numpy().astype(bool)
+    raw = val.masks.numpy()
+    # Views of image-labelled defects have no pixel truth: they count in the image metrics only.
+    pixels_known = ~(raw == MASK_UNKNOWN).reshape(len(raw), -1).any(1)
+    masks = raw.astype(bool)
     m = logits.numpy()  # pixel metrics rank pixels: logits rank them without sigmoid ties
     out: dict[str, float] = {}
     by_view, by_image = subsets(val.groups.numpy()), subsets(image_groups)
@@ -158,41 +168,47 @@ def validation_metrics(logits: torch.Tensor, val: ValidationSet, cfg: Config
         if not (img & labels).any():
             continue  # no anomaly in this subset (e.g. no held-out real defect)
         acc = metrics.PixelMetricAccumulator(fpr_limit=0.3)
-        acc.update(m[sel], masks[sel])
+        pix = sel & pixels_known
+        if masks[pix].any():  # else undefined: every defect here is known by its label only
+            acc.update(m[pix], masks[pix])
         acc.update(scores=scores[img], labels=labels[img])
         values = {k: float(v) for k, v in acc.compute().items()}
         out.update({f"{prefix}_{k}": v for k, v in values.items()})
-        four = [values[k] for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")]
+    for prefix in by_view:
+        if f"{prefix}_image_auroc" not in out:
+            continue
+        four = [out[f"{prefix}_{k}"] for k in MEAN_METRICS]
+        if prefix == "val_real":
+            # Held-out real defects known by image labels only leave the real pixel metrics
+            # undefined: their image AUROC still judges the decision, and the synthetic
+            # anomalies' pixel metrics judge the localisation in their place.
+            four = [v if not math.isnan(v) or k == "image_auroc"
+                    else out.get(f"val_synth_{k}", math.nan)
+                    for k, v in zip(MEAN_METRICS, four)]
         out[f"{prefix}_mean"] = float(np.mean(four)) if not np.isnan(four).any() else math.nan
     return out, scores, labels, image_groups
 
 
 def calibrate(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, cfg: Config
               ) -> dict[str, Any]:
-    """Decision threshold on validation image scores (``is_anomaly = score > threshold``).
-
-    ``f1``: the F1-optimal threshold over held-out normals vs. the anomalies that come from
-    held-out *real* defects (raw and extended copies); only when a product has none, vs. the
-    simulated ones. ``fpr``: the threshold that flags at most ``calibration_target_fpr`` of the
-    held-out normals.
-    """
+    """Decision threshold on validation image scores (``is_anomaly = score > threshold``) by
+    the rule :func:`prn_ray.thresholds.effective_rule` gives, weighing held-out normals against
+    the anomalies from held-out *real* defects (raw and extended copies); only when a product
+    has none, against the simulated ones. The held-out scores are kept in the document, so a
+    scoring run with another ``score.threshold_rule`` re-derives its threshold from the same
+    images (:func:`prn_ray.thresholds.threshold_for`)."""
     normals = scores[~labels]
     real = labels & np.isin(groups, REAL_GROUPS)
-    doc: dict[str, Any] = {"rule": cfg.train.calibration, "n_normal": int((~labels).sum()),
-                           "n_anomalous": int(labels.sum()),
-                           "n_real_anomalous": int(real.sum())}
-    if real.any():  # weigh real defects only: synthetic ones are easier and would lower it
-        keep = ~labels | real
-        scores, labels = scores[keep], labels[keep]
-    if cfg.train.calibration == "fpr" or not labels.any():
-        t = metrics.threshold_at_fpr(normals, cfg.train.calibration_target_fpr)
-        doc.update(rule="fpr", threshold=t, target_fpr=cfg.train.calibration_target_fpr)
-    else:
-        t, f1 = metrics.f1_optimal_threshold(labels, scores)
-        doc.update(threshold=t, f1=f1)
-    doc["val_fpr"] = float((normals > doc["threshold"]).mean()) if normals.size else math.nan
-    doc["val_tpr"] = float((scores[labels] > doc["threshold"]).mean()) if labels.any() else math.nan
-    doc["score_rule"] = cfg.model.score
+    defects = scores[real] if real.any() else scores[labels]
+    choice = thresholds.choose(normals, defects, thresholds.effective_rule(cfg))
+    doc: dict[str, Any] = {"rule": choice.rule.split(":")[0], "n_normal": int((~labels).sum()),
+                           "n_anomalous": int(labels.sum()), "n_real_anomalous": int(real.sum()),
+                           "anomalous_from": "real" if real.any() else "synthetic"}
+    doc.update(choice.to_doc())
+    doc.update(threshold_rule=choice.rule, val_fpr=choice.expected_fpr,
+               val_tpr=choice.expected_recall, score_rule=cfg.model.score,
+               held_out_scores={"normal": [round(float(v), 7) for v in normals],
+                                "anomalous": [round(float(v), 7) for v in defects]})
     return doc
 
 

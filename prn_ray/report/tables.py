@@ -75,6 +75,9 @@ class ProductEvaluation:
     model_version: str = ""
     image_size: Any = None
     info: Mapping[str, Any] = field(default_factory=dict)
+    # The model's calibration (calibration.json): its rule and the false-alarm rate / recall it
+    # expected on held-out images, set beside the same figures on the test split.
+    calibration: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float64).ravel()
@@ -124,6 +127,26 @@ class ProductEvaluation:
             out[k] = None if p is None else int((v[0] & (p == v[1])).sum())
         return out
 
+    def at_threshold(self) -> dict[str, Any]:
+        """The threshold's rule and its false-alarm rate / recall on the held-out images it
+        was chosen on (expected) and on this test split (measured), each with its count."""
+        d, c = self.decisions(), self.calibration
+        if d["fp"] is None:
+            return {}
+        return {
+            "rule": c.get("threshold_rule", c.get("rule")),
+            "held_out_false_alarm_rate": json_float(c.get("val_fpr")),
+            "held_out_normals": c.get("n_normal"),
+            "held_out_recall": json_float(c.get("val_tpr")),
+            "held_out_anomalies": c.get("n_real_anomalous") or c.get("n_anomalous"),
+            "test_false_alarm_rate": json_float(d["fp"] / d["n_normal"] if d["n_normal"]
+                                                else math.nan),
+            "test_normals": d["n_normal"],
+            "test_recall": json_float(d["tp"] / d["n_anomalous"] if d["n_anomalous"]
+                                      else math.nan),
+            "test_anomalies": d["n_anomalous"],
+        }
+
 
 def format_metric(key: str, value: Any) -> str:
     """Table text of one value: percentages with one decimal, ms with one decimal, ``n/a``."""
@@ -169,6 +192,29 @@ def markdown_table(evaluations: Sequence[ProductEvaluation]) -> str:
     if any(c.endswith("*") for c in mean):
         text += "\n\\* mean over the products where the metric is defined\n"
     return text
+
+
+def threshold_table(evaluations: Sequence[ProductEvaluation]) -> str:
+    """Markdown: per product, the threshold's rule and its false-alarm rate and recall on the
+    held-out images it was chosen on against the test split's ("" without thresholds)."""
+    text = ""
+    rows = [(e.product, e.at_threshold()) for e in evaluations]
+    rows = [(name, a) for name, a in rows if a]
+    if rows:
+        text += ("\n| Product | threshold rule | false alarms: held out | test | "
+                 "defects caught: held out | test |\n|---|---|---:|---:|---:|---:|\n")
+        for name, a in rows:
+            text += (f"| {name.replace('|', chr(92) + '|')} | {a['rule'] or '-'} | "
+                     f"{_share(a['held_out_false_alarm_rate'], a['held_out_normals'])} | "
+                     f"{_share(a['test_false_alarm_rate'], a['test_normals'])} | "
+                     f"{_share(a['held_out_recall'], a['held_out_anomalies'])} | "
+                     f"{_share(a['test_recall'], a['test_anomalies'])} |\n")
+    return text
+
+
+def _share(rate: float | None, n: int | None) -> str:
+    """``1.0 % of 100``."""
+    return NA if rate is None or n is None else f"{100 * rate:.1f} % of {n}"
 
 
 def json_float(v: Any) -> float | None:
@@ -230,6 +276,7 @@ def results_json(evaluations: Sequence[ProductEvaluation]) -> dict[str, Any]:
         d: dict[str, Any] = {k: json_float(e.metric(k)) for k, _, _ in METRIC_COLUMNS}
         d.update(model_version=e.model_version or None, image_size=_json_size(e.image_size),
                  threshold=json_float(e.threshold), decisions=e.decisions(),
+                 at_threshold=e.at_threshold(),
                  defect_types=defect_rows(e))
         products[e.product] = d
     means = mean_metrics(evaluations)
@@ -293,5 +340,6 @@ def write_tables(evaluations: Sequence[ProductEvaluation], out_uri: str,
            "markdown": storage.join(out_uri, "results.md")}
     storage.write_text(out["json"], json.dumps(results_json(evaluations), indent=2,
                                                allow_nan=False) + "\n", storage_cfg)
-    storage.write_text(out["markdown"], markdown_table(evaluations), storage_cfg)
+    storage.write_text(out["markdown"], markdown_table(evaluations) + threshold_table(evaluations),
+                       storage_cfg)
     return out

@@ -50,8 +50,8 @@ def resolve_models(cfg: Config, products: Iterable[str]) -> dict[str, ResolvedMo
     out = {}
     for product in products:
         try:
-            version, geometry, calibrated = registry.describe(cfg.storage, product,
-                                                          pins.get(product, everywhere))
+            version, geometry, calibrated = registry.describe(
+                cfg.storage, product, pins.get(product, everywhere), cfg.score.threshold_rule)
         except Exception as exc:  # noqa: BLE001 - RegistryError, or unreadable files
             msg = str(exc) if isinstance(exc, registry.RegistryError) else \
                 f"{type(exc).__name__}: {exc}"

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from prn_ray.config import SynthesisConfig
+from prn_ray.contracts import MASK_UNKNOWN
 from prn_ray.synthesis.extended import estimate_foreground, extended_anomaly
 from prn_ray.synthesis.perlin import perlin_mask, perlin_noise
 from prn_ray.synthesis.simulated import (
@@ -161,7 +162,8 @@ class Synthesizer:
     same columns, ``image`` and ``mask`` replaced by new arrays: ``normal`` / ``seen`` rows
     unchanged, ``simulated`` / ``extended`` rows synthesised. Other columns pass through.
     An ``extended`` row falls back to a simulated anomaly (same seed) when there is no usable seen
-    defect (no seen list, index out of range, or an empty defect mask).
+    defect (no seen list, index out of range, an empty defect mask, or a defect known only by
+    its image label).
     """
 
     def __init__(
@@ -182,8 +184,11 @@ class Synthesizer:
             rng = np.random.Generator(np.random.PCG64(0))
             textures = np.stack(procedural_textures(16, s, rng))
         self.textures = ensure_bank_size(np.asarray(textures, dtype=np.uint8), *self.image_size)
+        # A defect known only by its image label (mask all MASK_UNKNOWN) has no pixels to
+        # paste: its mask is empty here, so an extended row drawn on it becomes simulated.
         self.seen = [
-            (np.asarray(i, dtype=np.uint8), (np.asarray(m) > 0).astype(np.uint8))
+            (np.asarray(i, dtype=np.uint8),
+             ((np.asarray(m) > 0) & (np.asarray(m) != MASK_UNKNOWN)).astype(np.uint8))
             for i, m in seen or []
         ]
         self.heterologous = (

@@ -18,6 +18,7 @@ import ray
 from prn_ray import registry, storage
 from prn_ray.config import Config
 from prn_ray.console import detail, progress
+from prn_ray.data.catalog import describe_seen
 from prn_ray.data.product import ProductData, image_sizes, product_geometry
 from prn_ray.data.ray_training_data import reference_dataset, train_dataset, validation_dataset
 from prn_ray.data.stages import build_banks
@@ -72,8 +73,10 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
         data = ProductData.from_catalog(catalog, product)
         cfg, geometry = product_geometry(cfg, data.train_normals)
         tc = cfg.train
-        counts = (f"{len(data.train_normals)} train normals, {len(data.seen)} seen anomalies, "
-                  f"{len(data.val)} validation images")
+        seen_counts = data.seen_counts()
+        counts = (f"{len(data.train_normals)} train normals, "
+                  + describe_seen(*seen_counts)
+                  + f", {len(data.val)} validation images")
         detail(product, counts)
         sample = image_sizes(data.train_normals[:1], cfg)
         progress(product, "input: " + geometry.describe(*(sample[0] if sample else ())))
@@ -87,7 +90,7 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
             progress(product, f"quarantined {len(data.quarantine)} unreadable image(s)")
         progress(product, f"{counts}; {describe(reference)} ({time.time() - t_ref:.0f}s)")
         backbone = Backbone(cfg.model.backbone, cfg.model.weights, cfg.storage)
-        features = build_feature_cache(normals, banks, backbone, cfg, geometry)
+        features = build_feature_cache(normals, banks, backbone, cfg, geometry, data, reference)
         del normals
         run_name = f"{run_id}-{product}"
         fs, path = storage_filesystem(cfg, cfg.storage.runs_uri)
@@ -153,6 +156,8 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
                          "resumes": state.resumes,
                          "stopped": state.stopped, "run_id": run_id,
                          "quarantined": data.quarantine,
+                         "seen_anomalies": {"with_masks": seen_counts[0],
+                                            "image_labels_only": seen_counts[1]},
                          "backbone_weights": backbone.weights_label},
                 check_views=data.check_views(cfg, geometry),
             )

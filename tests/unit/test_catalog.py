@@ -21,6 +21,7 @@ from prn_ray.data.manifest import (
     COLUMNS,
     CatalogError,
     ManifestError,
+    elpv_manifest,
     paired_mask_manifest,
     read_manifest,
     visa_manifest,
@@ -354,7 +355,10 @@ def test_build_catalog_reports_problems(tmp_path):
     text = "\n".join(cat.problems)
     assert "nonormal: no normal training images; product skipped" in text
     assert "noanom: no anomalous images" in text
-    assert "ok: 1 anomalous image(s) without a mask" in text and "a1.png" in text
+    # a1 has no mask: an image-labelled seen defect, or a test anomaly for image metrics only
+    seen_a1 = cat.df.loc[cat.df["image_uri"].str.endswith("a1.png"), "split"].item() == "seen"
+    assert (("ok: 1 of 1 seen anomalies have no mask" in text) if seen_a1
+            else ("ok: 1 test anomalies have no mask" in text and "a1.png" in text)), text
     assert "1 mask(s) do not match" in text and "a2.png" in text and "mask 9x8" in text
     assert "nonormal" not in set(cat.df["product"])
     # nothing trainable -> CatalogError listing why
@@ -572,3 +576,37 @@ def test_visa_macaroni1_manifest_has_the_official_split():
     anom = df[df["label"] == "anomaly"]
     assert (anom["mask_uri"] != "").all() and (anom["defect_type"] != "anomaly").all()
     assert all(Path(u).is_file() for u in [*df["image_uri"][:5], *anom["mask_uri"][:5]])
+
+
+def test_elpv_manifest_follows_the_stated_protocol(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    lines = []
+    for i in range(40):
+        prob = [0.0, 0.0, 1.0, 1 / 3, 2 / 3][i % 5]
+        cell = "mono" if i < 20 else "poly"
+        (tmp_path / "images" / f"cell{i:04d}.png").write_bytes(b"")
+        lines.append(f"images/cell{i:04d}.png  {prob}  {cell}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "elpv.parquet"
+    rc = _load_job("make_manifest").main(["elpv", "--labels", str(tmp_path / "labels.csv"),
+                                          "--out", str(out)])
+    assert rc == 0 and "left out 16 cells" in capsys.readouterr().out
+    df = read_manifest(str(out))
+    assert sorted(set(df["product"])) == ["elpv_mono", "elpv_poly"]
+    for _, rows in df.groupby("product"):
+        by = rows.groupby(["split", "label"]).size().to_dict()
+        # 8 normals (30 % test: round(2.4) = 2), 4 defective cells, all of them test
+        assert by == {("train", "normal"): 6, ("test", "normal"): 2, ("test", "anomaly"): 4}, by
+        assert (rows["mask_uri"] == "").all()  # image labels only
+        assert set(rows[rows["label"] == "anomaly"]["defect_type"]) == {"defective"}
+    assert all(Path(u).is_file() for u in df["image_uri"])  # resolved against labels.csv
+    again = elpv_manifest(str(tmp_path / "labels.csv"))  # the split is fixed by the seed
+    assert again.equals(elpv_manifest(str(tmp_path / "labels.csv")))
+    assert list(again.sort_values("image_uri")["split"]) == list(
+        df.sort_values("image_uri")["split"])
+    (tmp_path / "bad.csv").write_text("images/cell0000.png mono\n")
+    capsys.readouterr()
+    assert run_job(_load_job("make_manifest").main, [
+        "elpv", "--labels", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "b.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "line 1" in err and "Traceback" not in err

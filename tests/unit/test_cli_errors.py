@@ -236,6 +236,9 @@ def test_train_and_tune_dry_runs_print_the_plan_without_ray(world, tmp_path):
     counts = dict(zip(header.replace(" normal", "_normal").replace(" anomaly", "_anomaly")
                       .split()[1:], map(int, row[1:])))
     assert counts["test_normal"] == 2 and sum(counts.values()) == 6 + 2 + 6
+    seen = counts.get("seen_anomaly", 0) + counts.get("val_anomaly", 0)
+    assert f"fabric: {seen} seen anomalies ({seen} with masks, 0 with image labels only)" \
+        in proc.stdout
     assert f"models -> {world}/m/<product>/<version>" in proc.stdout
     proc, _ = run_cli(job("tune/search.py", *sets(world), "--dry-run", "--samples", "3"),
                       tmp_path)

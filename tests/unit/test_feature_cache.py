@@ -40,9 +40,9 @@ def setup(tmp_path_factory):
     data = ProductData.from_catalog(build_catalog(cfg).df, PRODUCT)
     banks = build_banks(data, {}, cfg, G)
     backbone = Backbone(cfg.model.backbone, "none").eval()
-    _, _, normals = fit_from_batches(data, cfg, reference_batches(
+    reference, _, normals = fit_from_batches(data, cfg, reference_batches(
         data.train_normals, cfg, G, backbone, 5))
-    cache = build_feature_cache(normals, banks, backbone, cfg, G)
+    cache = build_feature_cache(normals, banks, backbone, cfg, G, data, reference)
     return cfg, data, banks, backbone, cache
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from prn_ray import storage
 from prn_ray.config import DataConfig, StorageConfig
+from prn_ray.contracts import MASK_UNKNOWN
 from prn_ray.images import (
     ImageError,
     decode_batch,
@@ -273,7 +274,7 @@ def test_decode_batch_on_s3_bad_inputs_become_error_rows(s3_bucket):
     extra = [
         ("anomaly", good_uri, storage.join(s3_bucket, "m/soft.png"), None),
         ("anomaly", good_uri, storage.join(s3_bucket, "m/small.png"), "mask_size_mismatch"),
-        ("anomaly", good_uri, "", "mask_missing"),
+        ("anomaly", good_uri, "", None),  # no mask named: an image-level label
         ("anomaly", good_uri, storage.join(s3_bucket, "m/nope.png"), "mask_missing"),
         ("normal", storage.join(s3_bucket, "imgs/does-not-exist.png"), "", "unreadable"),
     ]
@@ -310,6 +311,8 @@ def test_decode_batch_on_s3_bad_inputs_become_error_rows(s3_bucket):
     soft_row = len(names)
     expected_mask = resize_mask((soft > 127).astype(np.uint8), 32)
     np.testing.assert_array_equal(out["mask"][soft_row], expected_mask)
+    # the anomaly without a mask: every pixel's label unknown (not 0, not 1)
+    assert (out["mask"][soft_row + 2] == MASK_UNKNOWN).all() and out["image"][soft_row + 2].any()
     # the unreadable object: redacted message without credential values
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     key_id = os.environ["AWS_ACCESS_KEY_ID"]
