@@ -92,3 +92,31 @@ def test_a_version_registered_before_the_memory_vote_keeps_its_own_maps(tmp_path
     del doc["config"]["model"]["prior_vote"]  # what a version from before the key holds
     path.write_text(json.dumps(doc))
     assert registry.load(cfg.storage, "old", version).config.model.prior_vote == 0.0
+
+
+def test_the_rule_and_its_held_out_figures_are_listed_and_another_rule_is_rederived(
+        tmp_path, capsys):
+    uri = str(tmp_path / "models")
+    cfg = load_config(TINY, [f"storage.models_uri={uri}"])
+    normals = [i / 100 for i in range(100)]  # 0.00 .. 0.99
+    defects = [0.5, 0.95, 1.2, 1.5]
+    calibration = {"threshold": 0.7, "threshold_rule": "f1", "val_fpr": 0.29, "val_tpr": 0.75,
+                   "n_normal": 100, "n_real_anomalous": 4,
+                   "held_out_scores": {"normal": normals, "anomalous": defects}}
+    version = registry.publish(cfg, "fabric", head_state={"w": torch.zeros(1)},
+                               backbone_state={"w": torch.zeros(1)},
+                               geometry=Geometry((64, 64)), calibration=calibration, metrics={})
+    assert run_models(uri) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert " f1 " in row and "29.0 % of 100" in row and "75.0 % of 4" in row
+    # the calibrated threshold for its own rule; another rule from the kept held-out scores
+    assert registry.describe(cfg.storage, "fabric", version)[2] == 0.7
+    assert registry.describe(cfg.storage, "fabric", version, "f1")[2] == 0.7
+    assert registry.describe(cfg.storage, "fabric", version, "fpr:0.01")[2] == 0.98
+    strict = registry.describe(cfg.storage, "fabric", version, "recall:1.0")[2]
+    assert strict < 0.5 and sum(v > strict for v in defects) == 4
+    old = registry.publish(cfg, "wood", head_state={"w": torch.zeros(1)},
+                           backbone_state={"w": torch.zeros(1)}, geometry=Geometry((64, 64)),
+                           calibration={"threshold": 0.4}, metrics={})
+    with pytest.raises(registry.RegistryError, match="retrain"):
+        registry.describe(cfg.storage, "wood", old, "fpr:0.01")
