@@ -31,7 +31,7 @@ from prn_ray.config import Config, StorageConfig, from_dict
 from prn_ray.contracts import cpu_tensors, dumps, id_time, new_id
 from prn_ray.errors import RegistryError  # noqa: F401 - raised here, caught by the CLIs
 from prn_ray.geometry import Geometry, as_size
-from prn_ray.thresholds import ThresholdRuleError, threshold_for
+from prn_ray.thresholds import ThresholdRuleError, held_out_counts, threshold_for
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written: resolving a model
     import torch  # (the scoring driver's part) stays free of it
@@ -263,8 +263,7 @@ def list_models(storage_cfg: StorageConfig, products: list[str] | None = None
                 threshold_rule=calibration.get("threshold_rule", calibration.get("rule")),
                 expected_fpr=calibration.get("val_fpr"),
                 expected_recall=calibration.get("val_tpr"),
-                n_normal=calibration.get("n_normal"),
-                n_anomalous=calibration.get("n_real_anomalous") or calibration.get("n_anomalous")))
+                **dict(zip(("n_normal", "n_anomalous"), held_out_counts(calibration)))))
     return out
 
 

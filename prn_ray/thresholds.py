@@ -17,7 +17,7 @@ normals a 1 % false-alarm target cannot be told from 0 %, and the numbers say so
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,9 +61,6 @@ class ThresholdChoice:
     n_normal: int  # the images each figure rests on
     n_anomalous: int
     f1: float | None = None  # only for the f1 rule
-
-    def to_doc(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def threshold_at_recall(anomalous_scores: np.ndarray, recall: float) -> float:
@@ -124,3 +121,12 @@ def threshold_for(calibration: dict, rule: str | None) -> float:
         raise ThresholdRuleError(f"this model was calibrated without its held-out scores: "
                                  f"retrain it to use threshold rule {rule!r}")
     return choose(held["normal"], held["anomalous"], rule).threshold
+
+
+def held_out_counts(calibration: dict) -> tuple[int | None, int | None]:
+    """(held-out normals, held-out defects) a calibration's false-alarm rate and recall rest
+    on (calibrations before ``n_recall`` was kept: its real defects, else every anomaly)."""
+    n_recall = calibration.get("n_recall")
+    if n_recall is None:
+        n_recall = calibration.get("n_real_anomalous") or calibration.get("n_anomalous")
+    return calibration.get("n_normal"), n_recall

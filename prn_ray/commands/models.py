@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 0
     rows = [(m.product, m.version, "*" if m.latest else "", m.threshold,
              m.threshold_rule or "-", rate(m.expected_fpr, m.n_normal),
-             rate(m.expected_recall, m.n_anomalous), m.selection_metric, *(m.metrics.get(k) for k in registry.LISTED_METRICS),
+             rate(m.expected_recall, m.n_anomalous), m.selection_metric,
+             *(m.metrics.get(k) for k in registry.LISTED_METRICS),
              (m.created_at or "-").replace("+00:00", ""))
             for m in models]
     print(format_table(HEADERS, rows, align="lllrlrrlrrrrrl"), flush=True)

@@ -60,14 +60,6 @@ class ProductData:
         self.seen = [(u, m) for u, m in self.seen if u not in bad]
         self.val = self.val[~self.val["image_uri"].isin(bad)].reset_index(drop=True)
 
-    def seen_counts(self) -> tuple[int, int]:
-        """(with masks, with image labels only) of the seen anomalies, training and validation."""
-        masks = [m for _, m in dict(self.seen).items()]
-        masks += [m if isinstance(m, str) else "" for m in
-                  self.val[self.val["label"] == "anomaly"]["mask_uri"]]
-        unmasked = sum(1 for m in masks if not m)
-        return len(masks) - unmasked, unmasked
-
     def check_views(self, cfg: Config, geometry: geom.Geometry) -> np.ndarray | None:
         """Views (V x h x w x 3 uint8, V <= :data:`CHECK_VIEWS`) of a few held-out images, as
         the model sees them, or None without readable held-out images. A tiled image gives

@@ -201,12 +201,19 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, cfg: C
     real = labels & np.isin(groups, REAL_GROUPS)
     defects = scores[real] if real.any() else scores[labels]
     choice = thresholds.choose(normals, defects, thresholds.effective_rule(cfg))
-    doc: dict[str, Any] = {"rule": choice.rule.split(":")[0], "n_normal": int((~labels).sum()),
+    kind, target = thresholds.parse_rule(choice.rule.split(" ")[0])
+    doc: dict[str, Any] = {"rule": kind, "n_normal": int((~labels).sum()),
                            "n_anomalous": int(labels.sum()), "n_real_anomalous": int(real.sum()),
-                           "anomalous_from": "real" if real.any() else "synthetic"}
-    doc.update(choice.to_doc())
-    doc.update(threshold_rule=choice.rule, val_fpr=choice.expected_fpr,
-               val_tpr=choice.expected_recall, score_rule=cfg.model.score,
+                           "anomalous_from": "real" if real.any() else "synthetic",
+                           "threshold": choice.threshold, "threshold_rule": choice.rule,
+                           # what val_fpr / val_tpr rest on: held-out normals, weighed defects
+                           "n_recall": choice.n_anomalous}
+    if choice.f1 is not None:
+        doc["f1"] = choice.f1
+    if kind == "fpr":
+        doc["target_fpr"] = target
+    doc.update(val_fpr=choice.expected_fpr, val_tpr=choice.expected_recall,
+               score_rule=cfg.model.score,
                held_out_scores={"normal": [round(float(v), 7) for v in normals],
                                 "anomalous": [round(float(v), 7) for v in defects]})
     return doc

@@ -22,6 +22,7 @@ import numpy as np
 from prn_ray import metrics as M
 from prn_ray import storage
 from prn_ray.config import StorageConfig
+from prn_ray.thresholds import held_out_counts
 
 # (key, table header, kind) — the paper's columns
 METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -133,12 +134,13 @@ class ProductEvaluation:
         d, c = self.decisions(), self.calibration
         if d["fp"] is None:
             return {}
+        n_normal, n_defects = held_out_counts(c)
         return {
             "rule": c.get("threshold_rule", c.get("rule")),
             "held_out_false_alarm_rate": json_float(c.get("val_fpr")),
-            "held_out_normals": c.get("n_normal"),
+            "held_out_normals": n_normal,
             "held_out_recall": json_float(c.get("val_tpr")),
-            "held_out_anomalies": c.get("n_real_anomalous") or c.get("n_anomalous"),
+            "held_out_anomalies": n_defects,
             "test_false_alarm_rate": json_float(d["fp"] / d["n_normal"] if d["n_normal"]
                                                 else math.nan),
             "test_normals": d["n_normal"],

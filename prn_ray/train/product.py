@@ -18,7 +18,7 @@ import ray
 from prn_ray import registry, storage
 from prn_ray.config import Config
 from prn_ray.console import detail, progress
-from prn_ray.data.catalog import describe_seen
+from prn_ray.data.catalog import describe_seen, seen_defect_counts
 from prn_ray.data.product import ProductData, image_sizes, product_geometry
 from prn_ray.data.ray_training_data import reference_dataset, train_dataset, validation_dataset
 from prn_ray.data.stages import build_banks
@@ -73,7 +73,7 @@ def train_product(cfg: Config, product: str, catalog: pd.DataFrame, run_id: str,
         data = ProductData.from_catalog(catalog, product)
         cfg, geometry = product_geometry(cfg, data.train_normals)
         tc = cfg.train
-        seen_counts = data.seen_counts()
+        seen_counts = seen_defect_counts(catalog).get(product, (0, 0))
         counts = (f"{len(data.train_normals)} train normals, "
                   + describe_seen(*seen_counts)
                   + f", {len(data.val)} validation images")
