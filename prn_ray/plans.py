@@ -102,6 +102,7 @@ def train_plan(cfg: Config, catalog: pd.DataFrame, products: list[str], run_id: 
     lines = [f"dry run: train {len(products)} product(s): {', '.join(products)}",
              split_counts(catalog[catalog["product"].isin(products)]),
              "(test images are never read by training)",
+             "seen anomalies per product (data.seen_anomalies):",
              *(f"  {p}: " + describe_seen(*c) for p, c in
                seen_defect_counts(catalog[catalog["product"].isin(products)]).items()),
              budget(cfg),

@@ -58,8 +58,9 @@ def test_large_images_train_score_evaluate_and_predict_in_tiles(world, capsys):
     base, sets = world
     assert job_main("train_all")([*sets, "--dry-run"]) == 0
     plan = capsys.readouterr().out
+    inputs = plan.split("input per product")[1].splitlines()
     for product in SIZES:
-        line = next(x for x in plan.splitlines() if x.strip().startswith(f"{product}:"))
+        line = next(x for x in inputs if x.strip().startswith(f"{product}:"))
         assert "tiles of 64x64" in line, line
 
     assert job_main("train_all")(sets) == 0
