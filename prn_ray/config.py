@@ -140,6 +140,9 @@ class ModelConfig:
     prior_vote: float = 0.25
     score: Literal["topk_mean", "max", "area"] = "topk_mean"
     score_topk: int = 100
+    # A learned image score beside the map (prn_ray.image_head): a logistic scorer over the
+    # stitched map's order statistics, fitted on the validation images at each best epoch.
+    image_head: bool = False
     feature_dtype: Literal["float16", "float32"] = "float16"  # features travelling in Ray Data
 
 

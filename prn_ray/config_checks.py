@@ -187,7 +187,7 @@ RULES: dict[str, Rule] = {
                                f"must be in {list(FEATURE_LEVELS)}"),
     "model.prior_bank_size": at_least(1), "model.prior_pool": at_least(1),
     "model.prior_blur_sigma": at_least(0), "model.prior_vote": between(0, 1),
-    "model.score": TYPED, "model.score_topk": at_least(1),
+    "model.score": TYPED, "model.score_topk": at_least(1), "model.image_head": TYPED,
     "model.feature_dtype": TYPED,
     "train.epochs": at_least(1), "train.max_steps": at_least(1), "train.time_budget_s": above(0),
     "train.batch_size": at_least(1), "train.lr": above(0), "train.optimizer": TYPED,

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from prn_ray import images, metrics, storage
+from prn_ray import images, metrics, storage, thresholds
 from prn_ray.config import Config, DataConfig, StorageConfig
 from prn_ray.console import Every, detail, progress, rate_line
 from prn_ray.contracts import image_labelled, new_id
@@ -186,8 +186,28 @@ def evaluate_product(cfg: Config, product: str, test: pd.DataFrame, version: str
               "weights": mv.metrics.get("backbone_weights", mv.config.model.weights),
               "input": geometry.describe(), "resolution": resolution(geometry, shapes),
               "test images": len(uris), "unreadable test images": len(errors)},
-        calibration=mv.calibration)
+        calibration=thresholds.under_rule(mv.calibration, cfg.score.threshold_rule))
+    if mv.image_head is not None:
+        _head_ablation(evaluation, mv, geometry, maps, labels)
     return ProductResult(evaluation, maps, masks, uris, errors)
+
+
+def _head_ablation(evaluation: ProductEvaluation, mv, geometry: Geometry,
+                   maps: list[np.ndarray], labels: np.ndarray) -> None:
+    """A model with an image head: the test image AUROC of the map's own rule beside the
+    head's (the same maps, scored both ways), in ``metrics`` and in the report's info."""
+    from prn_ray.model.prn import area_kernel
+
+    rule = ScoreRule(mv.config.model.score, mv.config.model.score_topk,
+                     area_kernel(geometry.size))
+    plain = np.array([rule(a) for a in maps], np.float64)
+    value = metrics.image_auroc(labels, plain) if labels.any() and not labels.all() \
+        else float("nan")
+    evaluation.metrics = {**evaluation.metrics, "image_auroc_map_rule": value}
+    evaluation.info = {**evaluation.info, "image score": (
+        f"image head (test image AUROC {100 * evaluation.metric('image_auroc'):.1f}; the map "
+        f"rule {mv.config.model.score} k={mv.config.model.score_topk} alone: "
+        f"{100 * value:.1f})")}
 
 
 def _examples(cfg: Config, res: ProductResult, geometry: Geometry, max_examples: int) -> None:
@@ -315,7 +335,9 @@ def evaluate_scores(cfg: Config, scores_uri: str, date: str | None = None,
             model_version=",".join(sorted(part["model_version"].dropna().unique())),
             info={"rows": len(part), "resolution": "original",
                   "left out (error, not in the test split)": n_rows - len(part)},
-            calibration=_calibration(cfg, product, part["model_version"].dropna()))
+            calibration=thresholds.under_rule(
+                _calibration(cfg, product, part["model_version"].dropna()),
+                cfg.score.threshold_rule))
         evaluations.append(ev)
         detail(product, "scores vs ground truth: " + ", ".join(
             f"{k} {ev.metric(k):.4f}" for k in ("image_auroc", "pixel_auroc", "pixel_ap")))

@@ -34,6 +34,7 @@ from prn_ray import storage
 from prn_ray.config import StorageConfig
 from prn_ray.contracts import dumps, id_time
 from prn_ray.geometry import Geometry
+from prn_ray.image_head import ImageHead
 from prn_ray.inference import ScoreRule, in_batches, stitch_items
 from prn_ray.model.prn import area_kernel
 from prn_ray.registry import ModelVersion
@@ -162,7 +163,12 @@ def export_manifest(mv: ModelVersion, module: ImageModel, fmt: str) -> dict[str,
                       "topk": model_cfg.score_topk,
                       "meaning": ("the score of one tile: the image's score is the rule "
                                   "applied to the stitched map") if g.tiled else
-                                 "the image's score"},
+                                 "the image's score",
+                      **({"head": mv.image_head.to_doc(),
+                          "image_score": ("the model has an image head: the image's score "
+                                          "is head applied to the (stitched) anomaly_map, "
+                                          "not this output (prn_ray.image_head)")}
+                         if mv.image_head is not None else {})},
         },
         "threshold": mv.threshold,
         "decision": "is_anomaly = score > threshold",
@@ -194,7 +200,8 @@ def predict_image(data: bytes, fmt: str, manifest: dict[str, Any], image: np.nda
     g = Geometry.from_doc(manifest["geometry"])
     out = manifest["outputs"]["score"]
     h, w = image.shape[:2]
-    rule = ScoreRule(out["rule"], int(out["topk"]), area_kernel(g.size))
+    rule = ScoreRule(out["rule"], int(out["topk"]), area_kernel(g.size),
+                     ImageHead.from_doc(out["head"]) if out.get("head") else None)
     uint8 = manifest["input"]["dtype"] == "uint8"
 
     def run(views: np.ndarray) -> tuple[np.ndarray, float]:

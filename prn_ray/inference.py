@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from prn_ray.geometry import Geometry
+from prn_ray.image_head import ImageHead
 
 Run = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # views -> (probs, ms per view)
 
@@ -23,22 +24,32 @@ Run = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # views -> (probs, 
 @dataclass(frozen=True)
 class ScoreRule:
     """The image score of a map: ``model.score`` / ``score_topk`` and the ``area`` window
-    (pixels at the model's scale, the same inside a tile as in a whole squashed image)."""
+    (pixels at the model's scale, the same inside a tile as in a whole squashed image), or,
+    where the model has one, its learned image head (:mod:`prn_ray.image_head`)."""
 
     kind: str = "topk_mean"
     topk: int = 100
     kernel: int = 9
+    head: ImageHead | None = None
 
     @classmethod
     def of(cls, model) -> ScoreRule:
-        """The rule a :class:`~prn_ray.model.PRN` scores with."""
-        return cls(model.score_kind, model.score_topk, model.area_kernel)
+        """The rule a :class:`~prn_ray.model.PRN` (or a runtime's graph model) scores with:
+        its ``image_head`` when the registry attached one."""
+        return cls(model.score_kind, model.score_topk, model.area_kernel,
+                   getattr(model, "image_head", None))
+
+    def map_rule(self) -> ScoreRule:
+        """The same rule without the head: the map's own score (the head's ablation)."""
+        return ScoreRule(self.kind, self.topk, self.kernel)
 
     def __call__(self, amap: np.ndarray) -> float:
-        """The score of one stitched map: the model's ``image_score``, computed here without
-        its full sort (the graph needs a static sort; a stitched 1 500 x 1 000 map sorted took
-        111 ms, a partition of its top k 1.9 ms: the same k values, so the same mean up to the
-        order of a float32 sum). NaN (pixels no view reached) is the largest value in both."""
+        """The score of one stitched map: the head's where there is one, else the model's
+        ``image_score``, computed here without its full sort (the graph needs a static sort;
+        a stitched 1 500 x 1 000 map sorted took 111 ms, a partition of its top k 1.9 ms: the
+        same k values, so the same mean up to the order of a float32 sum). NaN (pixels no view reached) is the largest value in both."""
+        if self.head is not None:
+            return self.head(amap)
         flat = np.ascontiguousarray(amap, dtype=np.float32).ravel()
         if self.kind == "topk_mean" and flat.size:
             k = min(self.topk, flat.size)

@@ -65,6 +65,15 @@ class ModelVersion:
     def threshold(self) -> float:
         return float(self.calibration["threshold"])
 
+    @property
+    def image_head(self):
+        """The version's learned image scorer (:class:`prn_ray.image_head.ImageHead`), or None:
+        trained with ``model.image_head``, its threshold is on the head's scores."""
+        from prn_ray.image_head import ImageHead
+
+        doc = self.calibration.get("image_head")
+        return ImageHead.from_doc(doc) if doc else None
+
     def build(self, device: str | torch.device = "cpu"):
         """The exportable :class:`~prn_ray.model.PRN` with this version's weights, in eval mode."""
         from prn_ray.model import build_prn
@@ -73,6 +82,7 @@ class ModelVersion:
         prn = build_prn(self.config.model, self.image_size, storage_cfg=self.config.storage,
                         backbone_state=self.backbone_state)
         prn.head.load_state_dict(self.head_state, strict=True)
+        prn.image_head = self.image_head  # read by prn_ray.inference.ScoreRule.of
         return prn.to(device).eval()
 
 

@@ -102,6 +102,7 @@ class GraphModel:
                  threads: int, streams: int = 1, check_views: np.ndarray | None = None) -> None:
         self.score_kind, self.score_topk = prn.score_kind, prn.score_topk
         self.area_kernel = prn.area_kernel
+        self.image_head = getattr(prn, "image_head", None)
         self.runtime, self.precision, self.path = runtime, precision, path
         self._eager: nn.Module | None = prn  # kept until the first views have been compared
         self._check = threading.Lock()

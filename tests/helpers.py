@@ -146,7 +146,8 @@ def ref_aupro(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float:
 
 
 def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 0,
-                   version: str | None = None, geometry=None, check_views: bool = False) -> str:
+                   version: str | None = None, geometry=None, check_views: bool = False,
+                   calibration: dict | None = None) -> str:
     """Register a PRN for ``product`` without training: its normal reference and patch-memory
     prior fitted on ``normals`` (H x W x 3 uint8, any size; the last quarter calibrates the
     prior), the decoder's zero-initialised last convolution randomised so the head's own path
@@ -155,7 +156,8 @@ def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 
     export-equivalence tests only). ``geometry`` (default: the whole image stretched to
     ``data.image_size``) cuts the normals into the views the reference is fitted on.
     ``check_views``: register the calibration normals' views as the version's check views
-    (as training registers held-out views). Returns the version."""
+    (as training registers held-out views). ``calibration``: keys added to the version's
+    calibration (e.g. an ``image_head``). Returns the version."""
     import torch
 
     from prn_ray import registry
@@ -178,7 +180,8 @@ def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 
         threshold = float(prn.eval()(x[k:]).score.median())
     return registry.publish(
         cfg, product, head_state=prn.head.state_dict(), backbone_state=prn.backbone.state_dict(),
-        geometry=geometry, calibration={"threshold": threshold, "rule": "median (tests)"},
+        geometry=geometry, calibration={"threshold": threshold, "rule": "median (tests)",
+                                        **(calibration or {})},
         metrics={"note": "tests/helpers.publish_fitted: fitted reference, no training"},
         version=version, check_views=views[k:] if check_views else None)
 

@@ -24,6 +24,7 @@ from prn_ray.engine.state import TrainState, load_checkpoint, save_checkpoint
 from prn_ray.engine.validation import (
     ValidationSet,
     calibrate,
+    head_calibration,
     predict_logits,
     selection_score,
     validation_metrics,
@@ -84,6 +85,7 @@ class HeadTrainer:
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.val: ValidationSet | None = None
         self._val_epoch: tuple[ValidationSet, ValidationSet] | None = None  # (all, per epoch)
+        self._last_validation: tuple[torch.Tensor, ValidationSet] | None = None
         self._mark = 0.0
         self._step_s = 0.0  # this epoch's time inside steps (train_s less the data waits)
         self.say_every_s = 120.0
@@ -194,7 +196,11 @@ class HeadTrainer:
         record.update(vm)
         if not math.isnan(score) and score > state.best_score:
             state.best_score, state.best_epoch, state.best_metrics = score, epoch, vm
-            state.calibration = calibrate(scores, labels, groups, self.cfg)
+            if self.cfg.model.image_head:
+                logits, val = self._last_validation
+                state.calibration = head_calibration(logits, val, self.cfg, scores)
+            else:
+                state.calibration = calibrate(scores, labels, groups, self.cfg)
             self.best = cpu_tensors(self.head.state_dict())
             state.stale_validations = 0
         else:
@@ -206,6 +212,7 @@ class HeadTrainer:
         val = self._val_epoch[1]
         maps = predict_logits(self.head, val.features, self.cfg.train.batch_size, self.device,
                               self.precision)
+        self._last_validation = (maps, val)  # the image head is fitted on these maps
         return validation_metrics(maps, val, self.cfg)
 
     def end_epoch(self, epoch: int, mean_loss: float, report) -> bool:

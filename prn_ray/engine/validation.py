@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prn_ray import metrics, thresholds
+from prn_ray import image_head, metrics, thresholds
 from prn_ray.config import Config
 from prn_ray.contracts import (
     FEATURE_COLUMNS,
@@ -23,7 +23,7 @@ from prn_ray.contracts import (
 )
 from prn_ray.engine.optim import autocast
 from prn_ray.geometry import resolve
-from prn_ray.inference import ScoreRule, stitch_items
+from prn_ray.inference import ImageMap, ScoreRule, stitch_items
 from prn_ray.model.prn import area_kernel, image_score
 
 # What a validation view carries besides its features and mask (local and Ray paths alike):
@@ -97,22 +97,36 @@ class ValidationSet:
     def image_scores(self, probs: torch.Tensor, cfg: Config
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(score, label, group) per validation image from the views' probability maps
-        (N x h x w): stitched as scoring stitches them, scored by the model's rule."""
-        geometry = resolve(cfg.data)
-        rule = ScoreRule(cfg.model.score, cfg.model.score_topk,
-                         area_kernel(tuple(probs.shape[-2:])))
+        (N x h x w): stitched as scoring stitches them, scored by the model's map rule."""
+        rule = map_rule(cfg, tuple(probs.shape[-2:]))
+        if self.items is None or not resolve(cfg.data).tiled:
+            masks = self.masks.numpy().reshape(len(self), -1).any(1)
+            scores = image_score(probs[:, None], rule.kind, rule.topk, rule.kernel).numpy()
+            return scores, masks, self.groups.numpy()
+        maps, labels, groups = self.image_maps(probs, cfg)
+        return np.array([m.score for m in maps], np.float32), labels, groups
+
+    def image_maps(self, probs: torch.Tensor, cfg: Config
+                   ) -> tuple[list[ImageMap], np.ndarray, np.ndarray]:
+        """(stitched map with its map-rule score, label, group) per validation image."""
+        rule = map_rule(cfg, tuple(probs.shape[-2:]))
         masks = self.masks.numpy().reshape(len(self), -1).any(1)
         groups = self.groups.numpy()
+        geometry = resolve(cfg.data)
         if self.items is None or not geometry.tiled:
-            scores = image_score(probs[:, None], rule.kind, rule.topk, rule.kernel).numpy()
-            return scores, masks, groups
+            p = probs.numpy()
+            return [ImageMap(i, p[i], rule(p[i])) for i in range(len(p))], masks, groups
         items = self.items.numpy()
         maps = stitch_items(probs.numpy(), items, self.views.numpy(),
                             self.sizes[:, 0].numpy(), self.sizes[:, 1].numpy(), geometry, rule)
         first = {m.item: int(np.flatnonzero(items == m.item)[0]) for m in maps}
         labels = np.array([masks[items == m.item].any() for m in maps])
-        return (np.array([m.score for m in maps], np.float32), labels,
-                np.array([groups[first[m.item]] for m in maps]))
+        return maps, labels, np.array([groups[first[m.item]] for m in maps])
+
+
+def map_rule(cfg: Config, size: tuple[int, int]) -> ScoreRule:
+    """The map's own score rule (``model.score``, ``score_topk``, the ``area`` window)."""
+    return ScoreRule(cfg.model.score, cfg.model.score_topk, area_kernel(size))
 
 
 @torch.no_grad()
@@ -235,3 +249,43 @@ def selection_score(vm: dict[str, float], cfg: Config) -> float:
     if key not in vm and key.startswith("val_real_"):
         key = "val_" + key.removeprefix("val_real_")
     return float(vm.get(key, math.nan))
+
+
+def fit_image_head(logits: torch.Tensor, val: ValidationSet, cfg: Config
+                   ) -> tuple[image_head.ImageHead, np.ndarray, np.ndarray, np.ndarray]:
+    """The image head (:mod:`prn_ray.image_head`) fitted on the validation images' maps, and
+    per image its cross-fitted score, label and group (what calibration weighs).
+
+    Image-labelled and masked real defects count alike here: the head needs image labels only."""
+    maps, labels, groups = val.image_maps(torch.sigmoid(logits), cfg)
+    rule = map_rule(cfg, tuple(logits.shape[-2:]))
+    names = image_head.statistics_for(resolve(cfg.data).tiled)
+    stats = np.stack([image_head.map_statistics(m.amap, names, rule.topk, rule.kernel)
+                      for m in maps])
+    weights = image_head.sample_weights(labels, np.isin(groups, REAL_GROUPS))
+    seed = cfg.train.seed
+    held = image_head.cross_fitted(stats, labels, weights, names, rule.topk, rule.kernel,
+                                   seed=seed)
+    head = image_head.fit(stats, labels, weights, names, rule.topk, rule.kernel)
+    return head, held, labels, groups
+
+
+def head_calibration(logits: torch.Tensor, val: ValidationSet, cfg: Config,
+                     map_scores: np.ndarray) -> dict[str, Any]:
+    """:func:`calibrate` on the image head's cross-fitted scores, with the head itself and
+    both scores' validation image AUROC (the head against the map rule it replaces)."""
+    try:
+        head, held, labels, groups = fit_image_head(logits, val, cfg)
+    except ValueError as exc:  # too few validation images of a kind to fit and cross-fit
+        _, labels, groups = val.image_maps(torch.sigmoid(logits), cfg)
+        return {**calibrate(map_scores, labels, groups, cfg),
+                "image_head_skipped": f"{exc}; the map rule scores this version"}
+    doc = calibrate(held, labels, groups, cfg)
+    real = (~labels) | np.isin(groups, REAL_GROUPS)
+    auroc = {}
+    for name, s in (("head", held), ("map_rule", map_scores)):
+        sel = real if (labels & real).any() else np.ones(len(labels), bool)
+        auroc[name] = round(float(metrics.image_auroc(labels[sel], s[sel])), 5)
+    doc["image_head"] = {**head.to_doc(), "val_image_auroc": auroc,
+                         "scores": "cross-fitted over 5 folds of the validation images"}
+    return doc

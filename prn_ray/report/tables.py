@@ -280,6 +280,8 @@ def results_json(evaluations: Sequence[ProductEvaluation]) -> dict[str, Any]:
                  threshold=json_float(e.threshold), decisions=e.decisions(),
                  at_threshold=e.at_threshold(),
                  defect_types=defect_rows(e))
+        if "image_auroc_map_rule" in e.metrics:  # a model with an image head: its ablation
+            d["image_auroc_map_rule"] = json_float(e.metric("image_auroc_map_rule"))
         products[e.product] = d
     means = mean_metrics(evaluations)
     return {

@@ -50,6 +50,7 @@ def world(tmp_path_factory):
             "--set", f"storage.models_uri={base / 'models'}",
             "--set", f"storage.runs_uri={base / 'runs'}", "--set", "data.tiles.mode=auto",
             "--set", "data.tiles.overlap=16", "--set", "data.seen_anomalies=2",
+            "--set", "model.image_head=true",
             "--set", "train.epochs=1"]
     return base, sets
 
@@ -75,6 +76,7 @@ def test_large_images_train_score_evaluate_and_predict_in_tiles(world, capsys):
         doc = json.loads(storage.read_text(f"{mv.uri}/config.json"))
         assert Geometry.from_doc(doc["geometry"]) == g and doc["image_size"] == 64
         assert np.isfinite(mv.threshold)
+        assert mv.image_head is not None  # fitted at the best epoch, scores every path below
 
     scores = str(base / "scores")
     assert job_main("score")([*sets, "--set", f"score.output_uri={scores}",
@@ -92,7 +94,8 @@ def test_large_images_train_score_evaluate_and_predict_in_tiles(world, capsys):
     results = json.loads(storage.read_text(f"{out}/results.json"))["products"]
     for product, (h, w) in SIZES.items():
         got = results[product]
-        assert all(np.isfinite(got[k]) for k in ("image_auroc", "pixel_auroc", "pixel_ap"))
+        assert all(np.isfinite(got[k]) for k in ("image_auroc", "pixel_auroc", "pixel_ap",
+                                                 "image_auroc_map_rule"))
         z = np.load(storage.join(out, "maps", f"{product}.npz"))
         # metrics at the working size: the image at the cut scale, not a squash
         assert z["maps"].shape[1:] == geometries[product].working_size(h, w)

@@ -188,3 +188,35 @@ def test_export_matches_eager_on_magnetic_tile(world, fmt, tmp_path):
     version = (registry.latest_version(cfg.storage, product)
                or publish_fitted(cfg, product, read[:16]))
     compare(world, product, version, fmt, read[16:], SIZE, tmp_path / fmt)
+
+
+def test_an_image_head_scores_the_exported_loop_and_predict_alike(world, tmp_path):
+    """A version with an image head: export.json carries it, and predict_image and predict
+    both score with it (the head of the stitched map, not the map rule)."""
+    from prn_ray.export import predict_image
+    from prn_ray.geometry import Geometry
+    from prn_ray.image_head import SIZE_FREE, ImageHead
+    from prn_ray.inference import ScoreRule
+    from prn_ray.predict import predict
+
+    geometry = Geometry((64, 64), scale=0.8, overlap=16)
+    head = ImageHead(SIZE_FREE, 20, 3, (0.0,) * 5, (1.0,) * 5, (0.5, -0.2, 0.3, 0.1, 0.4), -1.0)
+    cfg = world["cfg"]
+    version = publish_fitted(cfg, "headed", demo_images("fabric", 8, 160, seed=2),
+                             geometry=geometry, calibration={"image_head": head.to_doc()})
+    doc = export(world, "torchscript", tmp_path / "ts", "headed")
+    assert ImageHead.from_doc(doc["outputs"]["score"]["head"]) == head
+    data = (tmp_path / "ts" / doc["file"]).read_bytes()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, im in enumerate(demo_images("fabric", 2, 200, seed=9)):
+        (folder / f"{i}.png").write_bytes(encode_png(im))
+    summary = predict(cfg, "headed", str(folder), str(tmp_path / "pred"), version=version)
+    assert summary.counts["scored"] == 2
+    for row in summary.rows:
+        amap, score = predict_image(data, "torchscript", doc, decode_image(
+            Path(row.file).read_bytes()))
+        assert score == pytest.approx(head(amap), abs=1e-6)
+        assert abs(score - row.score) <= TOLERANCE
+        plain = ScoreRule("topk_mean", 20, 3)(amap)
+        assert abs(plain - score) > 10 * TOLERANCE  # the head, not the map rule

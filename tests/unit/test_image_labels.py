@@ -243,3 +243,34 @@ def test_calibration_keeps_its_scores_and_another_rule_is_rederived():
     old = {k: v for k, v in doc.items() if k != "held_out_scores"}  # calibrated before
     with pytest.raises(ThresholdRuleError, match="retrain"):
         threshold_for(old, "recall:0.9")
+
+
+def test_at_fpr_001_both_false_alarm_rates_are_reported_from_their_definitions():
+    """A model calibrated by F1, evaluated under fpr:0.01: the threshold, its held-out
+    false-alarm rate and recall are re-derived from the kept held-out scores, and the test
+    split's rates are measured at that same threshold."""
+    from prn_ray.report import ProductEvaluation
+    from prn_ray.thresholds import under_rule
+
+    rng = np.random.default_rng(4)
+    held_n, held_d = rng.normal(0, 1, 300), rng.normal(2.5, 1, 20)
+    scores = np.r_[held_n, held_d].astype(np.float32)
+    labels = np.r_[np.zeros(300, bool), np.ones(20, bool)]
+    doc = calibrate(scores, labels, np.r_[np.full(300, GROUP_NORMAL), np.full(20, GROUP_REAL)],
+                    Config())
+    used = under_rule(doc, "fpr:0.01")
+    assert under_rule(doc, None) is doc and under_rule(doc, "f1") is doc
+    normals = np.array(doc["held_out_scores"]["normal"])
+    defects = np.array(doc["held_out_scores"]["anomalous"])
+    t = used["threshold"]
+    assert t == threshold_for(doc, "fpr:0.01") and used["threshold_rule"] == "fpr:0.01"
+    assert used["val_fpr"] == (normals > t).mean() <= 0.01
+    assert used["val_tpr"] == (defects > t).mean() and used["calibrated_rule"] == "f1"
+    test_scores = np.r_[rng.normal(0, 1, 500), rng.normal(2.5, 1, 50)]
+    test_labels = np.r_[np.zeros(500, bool), np.ones(50, bool)]
+    at = ProductEvaluation("p", {}, scores=test_scores, labels=test_labels, threshold=t,
+                           calibration=used).at_threshold()
+    assert at["rule"] == "fpr:0.01" and at["held_out_normals"] == 300
+    assert at["held_out_false_alarm_rate"] == pytest.approx((normals > t).mean())
+    assert at["test_false_alarm_rate"] == pytest.approx((test_scores[:500] > t).mean())
+    assert at["test_recall"] == pytest.approx((test_scores[500:] > t).mean())
