@@ -32,10 +32,10 @@ from prn_ray.config import load_config
 from prn_ray.console import progress
 from prn_ray.data.catalog import build_catalog
 from prn_ray.data.product import ProductData, product_geometry
-from prn_ray.data.ray_training_data import reference_dataset
 from prn_ray.engine.reference import compute_reference
 from prn_ray.evaluation import evaluate_models
 from prn_ray.runtime import init_ray
+from prn_ray.train.datasets import reference_dataset
 from prn_ray.train.fleet import train_all
 
 MODULES = {"no_mp": {"model.use_prototypes": False},

@@ -5,7 +5,7 @@
 Both paths stream the same N training rows (a quarter of them simulated and a quarter
 extended/seen anomalies, as one training epoch) from a moto S3 server on loopback:
 
-(a) the Ray Data pipeline of ``prn_ray.data.ray_training_data.train_dataset`` (decode +
+(a) the Ray Data pipeline of ``prn_ray.train.datasets.train_dataset`` (decode +
     synthesis as stateless tasks, EfficientNet-Lite0 features in an actor pool), consumed by
     the driver;
 (b) a bare single-process loop (``prn_ray.data.local.feature_batches``): read bytes ->
@@ -69,11 +69,11 @@ def main() -> int:
     from prn_ray.config import load_config
     from prn_ray.data.local import feature_batches
     from prn_ray.data.product import ProductData
-    from prn_ray.data.ray_training_data import train_dataset
     from prn_ray.data.stages import build_banks, plan_frame
     from prn_ray.geometry import Geometry
     from prn_ray.model import Backbone
     from prn_ray.runtime import quiet_ray_data
+    from prn_ray.train.datasets import train_dataset
 
     moto, endpoint = start_moto()
     os.environ["AWS_ENDPOINT_URL"] = endpoint

@@ -129,7 +129,7 @@ def accuracy(args, has_faiss: bool) -> None:
     from prn_ray.data.catalog import build_catalog
     from prn_ray.data.product import ProductData
     from prn_ray.evaluation import EvalScorer
-    from prn_ray.runner import images_to_tensor
+    from prn_ray.model.inputs import images_to_tensor
 
     cfg = load_config(args.config, [f"storage.models_uri={args.models_uri}", *args.overrides])
     catalog = build_catalog(cfg).df

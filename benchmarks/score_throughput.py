@@ -123,8 +123,8 @@ def bare_loop(args) -> dict:
 
     from prn_ray import images, registry, storage
     from prn_ray.config import StorageConfig
+    from prn_ray.model.inputs import images_to_tensor
     from prn_ray.model.prn import image_score
-    from prn_ray.runner import images_to_tensor
     from prn_ray.scoring.table import map_to_png
 
     streams = max(1, args.bare_streams[0])  # the child runs one

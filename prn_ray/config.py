@@ -79,9 +79,9 @@ class SynthesisConfig:
     """Anomaly synthesis (PRN's anomaly generation strategies). Weights are relative shares of one epoch."""
 
     normal_share: float = 1.0  # normals per epoch, as a multiple of N_normal (1)
-    real_share: float = 0.5  # raw seen + extended anomalies (spec: N_n // 2)
-    simulated_share: float = 0.5  # Perlin anomalies (spec: N_n // 2)
-    raw_seen_reuse: int = 5  # each seen anomaly appears raw this many times per epoch (spec: 5)
+    real_share: float = 0.5  # raw seen + extended anomalies (the paper's Sec. 3.4: N_n // 2)
+    simulated_share: float = 0.5  # Perlin anomalies (the paper's Sec. 3.4: N_n // 2)
+    raw_seen_reuse: int = 5  # each seen anomaly appears raw this many times per epoch (5 in github.com/xcyao00/PRNet)
     beta_max: float = 0.8  # simulated opacity beta ~ U(0, beta_max)
     extended_beta_max: float = 0.5  # extended-anomaly blend beta ~ U(0, extended_beta_max)
     perlin_min_scale: int = 0  # lattice 2^r, r in [min, max]
@@ -122,7 +122,7 @@ class ModelConfig:
     standardize: bool = True
     msa_input_norm: bool = True  # GroupNorm in front of each MSA block
     # Compute: the one-token branch as the affine copy it is; a 1x1 bottleneck before the
-    # fuse convolutions; logits on a coarser grid, resized bilinearly (1 = the spec's layout).
+    # fuse convolutions; logits on a coarser grid, resized bilinearly (1 = the paper's layout, Fig. 3).
     single_token_affine: bool = True
     msa_bottleneck: bool = True
     logit_stride: int = 4
@@ -154,7 +154,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-4
     # adamw: decoupled decay on convolution/linear weights only (not on norms, biases, the
-    # attention's Q/K/V or the prior's scalars); adam: the public code's coupled L2 on everything.
+    # attention's Q/K/V or the prior's scalars); adam: github.com/xcyao00/PRNet's coupled L2 on everything.
     optimizer: Literal["adamw", "adam"] = "adamw"
     weight_decay: float = 1e-2
     warmup_steps: int = 50

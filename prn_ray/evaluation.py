@@ -25,7 +25,7 @@ from prn_ray import images, metrics, storage, thresholds
 from prn_ray.config import Config, DataConfig, StorageConfig
 from prn_ray.console import Every, detail, progress, rate_line
 from prn_ray.contracts import image_labelled, new_id
-from prn_ray.data.catalog import build_catalog
+from prn_ray.data.catalog import Catalog, build_catalog
 from prn_ray.geometry import Geometry, resize_to
 from prn_ray.inference import ScoreRule, in_batches, stitch_items
 from prn_ray.report import (
@@ -246,13 +246,14 @@ def save_maps(res: ProductResult, uri: str, storage_cfg: StorageConfig | None) -
 
 
 def evaluate_models(cfg: Config, products: list[str] | None = None, out_uri: str | None = None,
-                    *, save: bool = True, report: bool = True, max_examples: int = 16
-                    ) -> tuple[list[ProductEvaluation], str]:
+                    *, save: bool = True, report: bool = True, max_examples: int = 16,
+                    catalog: Catalog | None = None) -> tuple[list[ProductEvaluation], str]:
     """Evaluate the registered model of each product on its test split; returns the
-    evaluations and the output URI (results.json/.md, report.html, maps/)."""
+    evaluations and the output URI (results.json/.md, report.html, maps/). ``catalog``: the
+    one the caller built (a CLI builds it before Ray starts, so bad data paths fail first)."""
     from prn_ray.registry import RegistryError
 
-    catalog = build_catalog(cfg)
+    catalog = catalog or build_catalog(cfg)
     wanted = list(products or cfg.data.products or catalog.products)
     out_uri = out_uri or storage.join(cfg.storage.runs_uri, "eval",
                                       new_id("eval-"))
@@ -288,12 +289,13 @@ def evaluate_models(cfg: Config, products: list[str] | None = None, out_uri: str
 
 def evaluate_scores(cfg: Config, scores_uri: str, date: str | None = None,
                     products: list[str] | None = None, out_uri: str | None = None,
-                    *, report: bool = True) -> tuple[list[ProductEvaluation], str]:
+                    *, report: bool = True, catalog: Catalog | None = None
+                    ) -> tuple[list[ProductEvaluation], str]:
     """Check committed nightly scores against the catalog's ground truth, at each image's own
     resolution. Only the catalog's test split counts: scored images that the catalog does not
     know, or that were training data (train, seen, val), are left out (counted in ``info``)."""
 
-    catalog = build_catalog(cfg).df
+    catalog = (catalog or build_catalog(cfg)).df
     rows = read_scores(scores_uri, cfg.storage, date=date, products=products)
     out_uri = out_uri or storage.join(cfg.storage.runs_uri, "eval-scores",
                                       new_id("eval-"))

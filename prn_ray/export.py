@@ -2,7 +2,7 @@
 
 The graph is the registered :class:`~prn_ray.model.PRN` (frozen backbone with its input
 normalisation, head, patch-memory prior, sigmoid, image score) behind the input conversion the
-scoring job uses (:func:`prn_ray.runner.pixels_to_input`), so an exported model needs nothing
+scoring job uses (:func:`prn_ray.model.inputs.pixels_to_input`), so an exported model needs nothing
 of this package at run time. Input (``input_dtype``):
 
 * ``uint8``: N x S x S x 3 RGB, 0..255 (NHWC: what image decoders return), the default;
@@ -36,9 +36,9 @@ from prn_ray.contracts import dumps, id_time
 from prn_ray.geometry import Geometry
 from prn_ray.image_head import ImageHead
 from prn_ray.inference import ScoreRule, in_batches, stitch_items
+from prn_ray.model.inputs import pixels_to_input
 from prn_ray.model.prn import area_kernel
 from prn_ray.registry import ModelVersion
-from prn_ray.runner import pixels_to_input
 
 FORMATS = ("torchscript", "onnx")
 INPUT_DTYPES = ("uint8", "float32")

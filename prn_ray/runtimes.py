@@ -158,7 +158,7 @@ class GraphModel:
 
     def _compare(self, views: np.ndarray, maps: np.ndarray, what: str) -> None:
         from prn_ray.inference import ScoreRule
-        from prn_ray.runner import images_to_tensor
+        from prn_ray.model.inputs import images_to_tensor
 
         with self._check:
             if self._eager is None:

@@ -163,8 +163,8 @@ def publish_fitted(cfg, product: str, normals: list[np.ndarray], *, seed: int = 
     from prn_ray import registry
     from prn_ray.geometry import Geometry, as_size
     from prn_ray.model import build_prn
+    from prn_ray.model.inputs import images_to_tensor
     from prn_ray.model.reference import fit_reference
-    from prn_ray.runner import images_to_tensor
 
     geometry = geometry or Geometry(as_size(cfg.data.image_size))
     torch.manual_seed(seed)

@@ -40,17 +40,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     from prn_ray import storage
     from prn_ray.console import progress
+    from prn_ray.data.catalog import build_catalog
     from prn_ray.evaluation import evaluate_models, evaluate_scores
     from prn_ray.report import markdown_table
     from prn_ray.runtime import init_ray
 
+    catalog = build_catalog(cfg)  # a wrong data location fails here, before Ray starts
     init_ray(cfg, dashboard=False)  # no Train or Tune: no State API needed
     if args.scores:
         evaluations, out = evaluate_scores(cfg, args.scores, args.date, args.products, args.out,
-                                           report=not args.no_report)
+                                           report=not args.no_report, catalog=catalog)
     else:
         evaluations, out = evaluate_models(cfg, args.products, args.out,
-                                           save=not args.no_maps, report=not args.no_report)
+                                           save=not args.no_maps, report=not args.no_report,
+                                           catalog=catalog)
     if not evaluations:
         progress("evaluate", "nothing to evaluate (no registered model / no test images)")
         return 1

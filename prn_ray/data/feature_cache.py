@@ -68,7 +68,7 @@ def seen_features(pairs: list[tuple[np.ndarray, np.ndarray]], backbone: torch.nn
                   dtype: np.dtype, batch_size: int = 16) -> tuple[list[np.ndarray], np.ndarray]:
     """Features and masks of decoded ``(image, mask)`` pairs (the few seen defects; at least
     one pair)."""
-    from prn_ray.runner import images_to_tensor
+    from prn_ray.model.inputs import images_to_tensor
 
     feats: list[list[np.ndarray]] = [[] for _ in FEATURE_COLUMNS]
     for i in range(0, len(pairs), batch_size):

@@ -1,7 +1,7 @@
 """The data stages run in this process, without Ray: decode -> synthesis -> features, batch by
 batch. Used by single-process training (:func:`prn_ray.engine.local.train_local`), the
 benchmarks' bare loops and tests; production streams through
-:mod:`prn_ray.data.ray_training_data`.
+:mod:`prn_ray.train.datasets`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from prn_ray.contracts import FEATURE_COLUMNS
 from prn_ray.data.stages import SynthesisBanks
 from prn_ray.geometry import Geometry
 from prn_ray.model import Backbone
-from prn_ray.runner import images_to_tensor
+from prn_ray.model.inputs import images_to_tensor
 
 
 def feature_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config,
@@ -54,7 +54,7 @@ def streamed_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config,
                      ) -> Iterator[dict[str, np.ndarray]]:
     """The streamed (synthetic) rows of a plan as the training stream delivers them: numpy
     ``epoch, pos, error, mask, feat0..3``, failed rows kept with ``error`` set (the in-process
-    twin of :func:`prn_ray.data.ray_training_data.train_dataset`)."""
+    twin of :func:`prn_ray.train.datasets.train_dataset`)."""
     synth = banks.synthesizer(cfg, geometry)
     dtype = np.float16 if cfg.model.feature_dtype == "float16" else np.float32
     for i in range(0, len(frame), batch_size):
@@ -73,7 +73,7 @@ def streamed_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config,
 def reference_batches(normals: list[str], cfg: Config, geometry: Geometry, backbone: Backbone,
                       batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every view's features with ``image_uri``, ``view`` and ``error`` kept (the in-process
-    twin of :func:`prn_ray.data.ray_training_data.reference_dataset`)."""
+    twin of :func:`prn_ray.train.datasets.reference_dataset`)."""
     dtype = np.float16 if cfg.model.feature_dtype == "float16" else np.float32
     for i in range(0, len(normals), batch_size):
         batch = {"image_uri": np.array(normals[i:i + batch_size], dtype=object),

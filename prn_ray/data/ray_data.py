@@ -1,7 +1,7 @@
 """Ray Data wiring shared by every job: a driver-side table as a streaming dataset, the decode
 stage (reads from object storage as stateless tasks), actor pools that Ray does not restart,
 and the run's tally of what its workers count. The datasets of a training run are
-:mod:`prn_ray.data.ray_training_data`. Torch-free, so a scoring driver does not import it.
+:mod:`prn_ray.train.datasets`. Torch-free, so a scoring driver does not import it.
 
 Resources are fractional and explicit (``data.task_cpus``): on a small machine, trainer
 workers, Tune trial drivers and data actors must all fit at once or the run deadlocks.

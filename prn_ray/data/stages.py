@@ -1,7 +1,7 @@
 """The data stages as plain batch functions (no Ray): what each row of a stream is, the small
 image banks synthesis draws from, and the backbone applied to a batch.
 
-The same functions run inside Ray Data (:mod:`prn_ray.data.ray_training_data`) and in one
+The same functions run inside Ray Data (:mod:`prn_ray.train.datasets`) and in one
 process (:mod:`prn_ray.data.local`):
 
 * **prototypes / reference**: train normals -> decode -> backbone features;
@@ -36,7 +36,7 @@ from prn_ray.contracts import (
 )
 from prn_ray.data.product import ProductData
 from prn_ray.geometry import VIEW_ALL, VIEW_RANDOM, Geometry, view_seed
-from prn_ray.runner import images_to_tensor, inference_device, prepare
+from prn_ray.model.inputs import images_to_tensor, inference_device, prepare
 from prn_ray.synthesis import Synthesizer, epoch_plan, load_texture_bank, row_seed
 
 VAL_EPOCH = 2**31 - 1  # seed namespace of the fixed validation anomalies (no training epoch)

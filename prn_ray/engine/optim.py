@@ -28,7 +28,7 @@ def lr_factor(step: int, total_steps: int, warmup: int, schedule: str,
 
 def make_optimizer(head: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with decoupled decay on convolution and linear weights only (``adamw``), or the
-    public code's Adam with coupled L2 on every parameter (``adam``).
+    Adam of github.com/xcyao00/PRNet with coupled L2 on every parameter (``adam``).
 
     Norm scales/shifts, biases, the attention's depthwise Q/K/V (a per-dimension scale and
     shift) and the prior's few scalars are not decayed: with coupled L2 after gradient

@@ -38,8 +38,8 @@ from prn_ray.data.product import ProductData
 from prn_ray.data.stages import SynthesisBanks
 from prn_ray.engine.image_labels import keep_strongest_views
 from prn_ray.geometry import Geometry
+from prn_ray.model.inputs import images_to_tensor
 from prn_ray.model.reference import NormalReference, fit_reference
-from prn_ray.runner import images_to_tensor
 
 CACHE_VERSION = 3  # bump when feature extraction or the reference fit change
 Batches = Iterable[dict[str, np.ndarray]]  # image_uri, view, error, feat0..3 (numpy)

@@ -2,7 +2,7 @@
 
 For each patch size p, the map is cut into non-overlapping p×p patches, each patch is one token
 of dimension d = C·p², and single-head attention runs over the tokens. Q/K/V are depthwise
-(a learned per-dimension scale and bias, i.e. a 1×1 Conv1d with groups = d as in the public re-implementation): a dense
+(a learned per-dimension scale and bias, i.e. a 1×1 Conv1d with groups = d as in github.com/xcyao00/PRNet): a dense
 d×d projection is infeasible for d up to 5·10⁵. The branches are concatenated and reduced by a
 residual conv block. Patch sizes derive from the map size at build time, p = ceil(h / div); the
 map is zero-padded to a multiple of p, so odd sizes work.
@@ -77,7 +77,7 @@ class PatchAttention(nn.Module):
         # Depthwise QKV initialised like Conv1d(d, d, 1, groups=d): fan-in 1 -> U(-1, 1).
         self.qkv_weight = nn.Parameter(torch.empty(3, dim).uniform_(-1.0, 1.0))
         self.qkv_bias = nn.Parameter(torch.empty(3, dim).uniform_(-1.0, 1.0))
-        # 1/sqrt(d) is the standard choice; 1/d reproduces the public re-implementation.
+        # 1/sqrt(d) is the standard choice; 1/d reproduces github.com/xcyao00/PRNet.
         self.scale = dim ** -0.5 if scale == "sqrt_d" else 1.0 / dim
 
     def _tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:

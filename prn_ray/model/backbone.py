@@ -12,7 +12,7 @@ Weight sources (``ModelConfig.weights``):
 
 The backbone is always in eval mode and has no trainable parameters: the prototypes are
 computed with eval-mode features, and BatchNorm in train mode would make the features drift
-away from them (a pitfall of the public re-implementation, which lets them drift).
+away from them (a pitfall of the unofficial code at github.com/xcyao00/PRNet, which lets them drift).
 """
 
 from __future__ import annotations

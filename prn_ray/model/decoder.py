@@ -1,11 +1,11 @@
 """U-Net-like decoder (PRN Fig. 3): from the deepest encoder map up through the fused skips.
 
 Widths follow the encoder: stage j outputs round(width · C_j) channels, so ResNet18 at width 1
-gives the spec's 256 / 128 / 64. Every upsampling goes to the skip map's actual size (bilinear,
-align_corners=True as in the public re-implementation), so sizes that are not powers of two work.
+gives the paper's 256 / 128 / 64 (Fig. 3). Every upsampling goes to the skip map's actual size (bilinear,
+align_corners=True as in github.com/xcyao00/PRNet), so sizes that are not powers of two work.
 
 ``logit_stride`` > 1 computes the last conv block and the logits on a grid ``stride`` times
-coarser than the output and resizes the logits bilinearly: the spec's full-resolution last
+coarser than the output and resizes the logits bilinearly: the paper's full-resolution last
 block is ≈ 15 % of the head's FLOPs for a map whose detail the stride-4 skip already bounds.
 The loss still sees logits at image resolution.
 """

@@ -1,7 +1,7 @@
 """HRNet-style multi-scale fusion (PRN's MF block): out_j = Σ_i f_ij(x_i).
 
 f_ij is the identity for i = j; for a coarser source a 1×1 conv then a bilinear resize to the
-target's size; for a finer source a grouped strided conv. No norm, no activation (as in the public re-implementation).
+target's size; for a finer source a grouped strided conv. No norm, no activation (as in github.com/xcyao00/PRNet).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 class Up(nn.Module):
     """Coarse -> fine: 1×1 conv, then bilinear resize to the target map's actual size.
 
-    The spec resizes first, then convolves; both are linear and the interpolation weights sum
+    The unofficial code (github.com/xcyao00/PRNet) resizes first, then convolves; both are linear and the interpolation weights sum
     to one, so the order does not change the result, and convolving the small map is cheaper.
     """
 
@@ -32,7 +32,7 @@ class Up(nn.Module):
 class Down(nn.Module):
     """Fine -> coarse by ``factor`` (a power of two): one grouped conv, kernel factor+1.
 
-    factor 2: kernel 3 / pad 1; factor 4: kernel 5 / pad 2. The public code uses
+    factor 2: kernel 3 / pad 1; factor 4: kernel 5 / pad 2. github.com/xcyao00/PRNet uses
     groups = C_in (each input channel feeds C_out / C_in outputs); timm widths such as
     EfficientNet's 24/40/112 are not multiples of each other, so then groups = gcd(C_in, C_out).
     """

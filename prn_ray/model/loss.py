@@ -2,7 +2,7 @@
 
 The focal term is the binary focal loss −α_t (1 − p_t)^γ log p_t, written on logits with
 logsigmoid so it stays finite for saturated logits (no log(sigmoid(x)) and no 1e-5 clamp as in
-the public re-implementation). α weights the anomalous class and 1 − α the normal one; α = 0.5 reproduces the public code's
+github.com/xcyao00/PRNet). α weights the anomalous class and 1 − α the normal one; α = 0.5 reproduces that code's
 constant 0.5 factor. Soft masks interpolate linearly between the two class terms.
 
 Image-level labels (PRN's first limitation: it needs a mask for every seen defect): a row whose

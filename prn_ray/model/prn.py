@@ -48,7 +48,7 @@ def image_score(anomaly_map: Tensor, kind: str = "topk_mean", topk: int = 100, k
                 ) -> Tensor:
     """Image score from an N×1×H×W map.
 
-    - ``topk_mean``: mean of the k largest pixels (k capped at H·W) [XY default, k = 100];
+    - ``topk_mean``: mean of the k largest pixels (k capped at H·W) (k = 100 in github.com/xcyao00/PRNet);
     - ``max``: the largest pixel;
     - ``area``: max of the ``kernel``×``kernel`` mean-filtered map (DRAEM uses 21×21 at 256 px).
       The window is small (≈ side/32: 9×9 at 256 px, under the median 0.18 % defect ≈ 11×11
@@ -129,7 +129,7 @@ class PRNHead(nn.Module):
                 placeholder = torch.zeros(1, c3[j], *self.feature_sizes[j])
                 self.register_buffer(f"prototypes_{j}", placeholder)
         # MF#1: separate modules for features and residuals (Fig. 3 fuses them "separately")
-        # unless share_mf1 (the public re-implementation shares one).
+        # unless share_mf1 (github.com/xcyao00/PRNet shares one).
         z3 = self.feature_sizes[:NUM_SCALES]
         self.mf1 = MultiScaleFusion(c3, s3, z3) if self.use_fusion else None
         self.mf1_residual = (MultiScaleFusion(c3, s3, z3)

@@ -63,7 +63,7 @@ def row_seed(seed: int, epoch: int, row: int) -> int:
 
 
 def _share(n: int, share: float) -> int:
-    # floor, so real_share = 0.5 gives exactly the spec's N_n // 2 (209 -> 104, 105 -> 52)
+    # floor, so real_share = 0.5 gives exactly the paper's N_n // 2 (209 -> 104, 105 -> 52)
     return max(0, int(math.floor(n * float(share) + 1e-9)))
 
 

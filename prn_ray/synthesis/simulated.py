@@ -1,7 +1,7 @@
 """Simulated anomalies (DRAEM-style, as PRN uses them): S = M̄⊙N + (1−β)(M⊙A) + β(M⊙N).
 
 N (the normal image) and A (the anomaly source) are blended on the same [0, 1] float32 scale
-(a trap of the public re-implementation: it divides only A by 255, so the "anomaly" is a darkened copy of
+(a trap of github.com/xcyao00/PRNet: it divides only A by 255, so the "anomaly" is a darkened copy of
 N; here the source really shows inside the mask). Outside the mask the output is the input
 bit-for-bit (it is copied, not recomputed).
 

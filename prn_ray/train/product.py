@@ -20,12 +20,12 @@ from prn_ray.config import Config
 from prn_ray.console import detail, progress
 from prn_ray.data.catalog import describe_seen, seen_defect_counts
 from prn_ray.data.product import ProductData, image_sizes, product_geometry
-from prn_ray.data.ray_training_data import reference_dataset, train_dataset, validation_dataset
 from prn_ray.data.stages import build_banks
 from prn_ray.engine.reference import build_feature_cache, compute_reference, describe
 from prn_ray.engine.state import load_checkpoint
 from prn_ray.model import Backbone, PRNHead
 from prn_ray.runtime import quiet_ray_data, train_logging
+from prn_ray.train.datasets import reference_dataset, train_dataset, validation_dataset
 from prn_ray.train.worker import WorkerArgs, train_dataset_name, train_loop_per_worker
 
 

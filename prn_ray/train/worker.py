@@ -22,7 +22,6 @@ from prn_ray.console import detail, progress
 from prn_ray.contracts import FEATURE_COLUMNS
 from prn_ray.data.feature_cache import merge_batches
 from prn_ray.data.product import ProductData
-from prn_ray.data.ray_training_data import TRAIN_COLUMNS, VALIDATION_COLUMNS
 from prn_ray.data.stages import FeatureExtractor, shard_plan
 from prn_ray.engine.state import write_progress
 from prn_ray.engine.trainer import HeadTrainer
@@ -30,6 +29,7 @@ from prn_ray.engine.validation import ValidationSet
 from prn_ray.geometry import Geometry
 from prn_ray.model import PRNHead
 from prn_ray.runtime import quiet_train_worker
+from prn_ray.train.datasets import TRAIN_COLUMNS, VALIDATION_COLUMNS
 
 
 @dataclass

@@ -12,11 +12,11 @@ from prn_ray.config import DataConfig, StorageConfig, load_config
 from prn_ray.contracts import FEATURE_COLUMNS
 from prn_ray.data.catalog import build_catalog
 from prn_ray.data.product import ProductData
-from prn_ray.data.ray_training_data import TRAIN_COLUMNS, train_dataset
 from prn_ray.data.stages import FeatureExtractor, build_banks
 from prn_ray.demo_data import make_dataset
 from prn_ray.geometry import Geometry
 from prn_ray.images import decode_batch, error_free
+from prn_ray.train.datasets import TRAIN_COLUMNS, train_dataset
 from prn_ray.train.worker import with_features
 
 pytestmark = pytest.mark.timeout(300)

@@ -1,8 +1,9 @@
 """`ray job submit` to a head started by the test, exactly as a cluster user runs the job.
 
 The head runs with token authentication (Ray's default); the test generates its own token and
-hands it to `ray start` and `ray job submit` through RAY_AUTH_TOKEN. S3 endpoint and
-credentials reach the job through `--runtime-env-json` env vars, as documented in the README.
+hands it to `ray start` and `ray job submit` through RAY_AUTH_TOKEN. The S3 endpoint and
+credentials are in the head's environment (the README's advice for a cluster), never on the
+job's command line.
 The working directory upload stays small thanks to .rayignore.
 """
 
@@ -59,8 +60,10 @@ def _stop_head(temp_dir: str) -> None:
 
 
 @pytest.fixture
-def head():
-    """A Ray head on free loopback ports with token auth; stopped afterwards."""
+def head(s3_endpoint):
+    """A Ray head on free loopback ports with token auth; stopped afterwards. The object
+    storage's credentials and endpoint are in the head's own environment (as the README asks
+    of a cluster), so no job carries them on its command line."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # AF_UNIX paths must stay short
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
@@ -90,9 +93,7 @@ def test_ray_job_submit_trains_and_registers(head, s3_endpoint):
     bucket = new_bucket(s3_endpoint, "submit")
     make_dataset(f"{bucket}/data", products=("fabric",), n_train=12, n_good_test=2,
                  n_defect_test=6, image_size=64)
-    runtime_env = {"env_vars": {k: os.environ[k] for k in (
-        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}}
-    runtime_env["env_vars"]["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    runtime_env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
     overrides = [f"data.root={bucket}/data", f"storage.models_uri={bucket}/models",
                  f"storage.runs_uri={bucket}/runs", "train.epochs=1"]
     cmd = ["job", "submit", f"--address={address}", "--working-dir=.",
@@ -100,6 +101,7 @@ def test_ray_job_submit_trains_and_registers(head, s3_endpoint):
            sys.executable, "jobs/train_all.py", "--config", "configs/tiny.yaml"]
     for o in overrides:
         cmd += ["--set", o]
+    assert not any(os.environ["AWS_SECRET_ACCESS_KEY"] in c for c in cmd)  # not on the line
     # The head's job agent comes up some seconds after `ray start` (a minute or more on a
     # loaded machine); until then the server answers 500 "No available agent".
     deadline = time.time() + 300

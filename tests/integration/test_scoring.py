@@ -471,7 +471,7 @@ def test_scorer_splits_mixed_batches_and_uses_the_resolved_version(world):
     assert [r["score"] for r in out] == [r["score"] for r in out2]  # deterministic
     # The batch result equals the model run one image at a time (batching changes nothing).
     prn = registry.load(scfg, "fabric", pinned).build()
-    from prn_ray.runner import images_to_tensor
+    from prn_ray.model.inputs import images_to_tensor
 
     with torch.inference_mode():
         single = prn(images_to_tensor(imgs[0][None])).score.item()

@@ -33,7 +33,7 @@ from prn_ray import registry, storage
 from prn_ray.config import load_config
 from prn_ray.data.catalog import build_catalog
 from prn_ray.demo_data import make_dataset
-from prn_ray.runner import images_to_tensor
+from prn_ray.model.inputs import images_to_tensor
 from prn_ray.studies import load_best, tune_root
 from prn_ray.train.fleet import train_all
 from prn_ray.train.tuning import tune_all

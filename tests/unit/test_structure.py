@@ -15,7 +15,7 @@ PACKAGE = REPO / "prn_ray"
 # The Ray adapters (and the modules that only run inside them). Everything else is core.
 ADAPTERS = {
     "prn_ray.runtime", "prn_ray.evaluation", "prn_ray.data.ray_data",
-    "prn_ray.data.ray_training_data", "prn_ray.scoring.plan",
+    "prn_ray.train.datasets", "prn_ray.scoring.plan",
     "prn_ray.scoring.run", "prn_ray.train", "prn_ray.train.worker", "prn_ray.train.product",
     "prn_ray.train.fleet", "prn_ray.train.tuning",
 }
@@ -124,6 +124,40 @@ def test_no_import_cycles_between_modules():
         if state.get(name) is None and visit(name, [name]):
             break
     assert not cycle, " -> ".join(cycle)
+
+
+def package_of(name: str, mods: dict[str, Path]) -> str:
+    """``prn_ray.data.stages`` -> ``prn_ray.data``; a top-level module is its own node."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or mods[name].name == "__init__.py" else name
+
+
+def test_no_import_cycles_between_packages():
+    """No package imports a module of a package that imports it back (e.g. data -> engine ->
+    data): the layers read downwards only. Imports inside functions count too."""
+    mods = modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        src = package_of(name, mods)
+        for mod, names, _ in imports(path):
+            targets = [mod] + [f"{mod}.{n}" for n in names]
+            for t in targets:
+                if t in mods and package_of(t, mods) != src:
+                    graph.setdefault(src, set()).add(package_of(t, mods))
+    back = sorted((a, b) for a, outs in graph.items() for b in outs
+                  if a in graph.get(b, set()) and a < b)
+    assert not back, f"packages importing each other: {back}"
+
+
+def test_comments_cite_the_paper_or_a_public_repository():
+    """Nothing points at documents outside the repository (a spec, its [INF] / [XY] marks)."""
+    import re
+
+    bad = re.compile(r"\bthe spec\b|\bspec §|spec's|\[INF\]|\[XY|public re-implementation")
+    files = [*PACKAGE.rglob("*.py"), REPO / "README.md"]
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in files
+            for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
+    assert not hits, hits
 
 
 @pytest.mark.parametrize("name", sorted(modules()))
