@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from enum import IntEnum
 
 from prn_ray import console
 from prn_ray.config import Config, ConfigError, load_config
@@ -29,9 +30,28 @@ from prn_ray.errors import CatalogError, RegistryError, UsageError, WeightsError
 # models); the jobs that read many products turn it into a per-product result instead.
 USER_ERRORS = (ConfigError, CatalogError, WeightsError, UsageError, RegistryError)
 DEBUG_ENV = "PRN_RAY_DEBUG"
-EXIT_CODES = (f"exit status: 0 done, 1 the run failed (a product/partition), 2 wrong input "
-              f"(arguments, config, data location; found before Ray starts; {DEBUG_ENV}=1 "
-              "shows the traceback)")
+
+
+class Exit(IntEnum):
+    """The exit status of every command (``--help`` prints :data:`EXIT_CODES`)."""
+
+    DONE = 0
+    FAILED = 1  # the run failed: a product or partition (the others are done)
+    INPUT = 2  # the user's input is wrong: one line saying what to fix, before Ray starts
+    PARTIAL = 3  # score: committed, but some product had no usable model
+    BUSY = 4  # score: another run of the same date held a partition's commit lease
+
+
+EXIT_MEANINGS = {
+    Exit.DONE: "done",
+    Exit.FAILED: "the run failed (a product/partition)",
+    Exit.INPUT: ("wrong input (arguments, config, data location; found before Ray starts; "
+                 f"{DEBUG_ENV}=1 shows the traceback)"),
+    Exit.PARTIAL: ("score: committed, but some product had no usable model or failed, or an "
+                   "input's product name was not allowed"),
+    Exit.BUSY: "score: another run of the same date holds a partition (retry later)",
+}
+EXIT_CODES = "exit status: " + "; ".join(f"{int(c)} {m}" for c, m in EXIT_MEANINGS.items())
 
 
 class JobParser(argparse.ArgumentParser):
@@ -40,7 +60,7 @@ class JobParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.print_usage(sys.stderr)
-        self.exit(2, f"error: {message}\n")
+        self.exit(Exit.INPUT, f"error: {message}\n")
 
 
 def names(text: str) -> list[str]:
@@ -95,7 +115,7 @@ def print_config(cfg: Config) -> int:
     from prn_ray import storage
 
     print(storage.redact(yaml.safe_dump(cfg.to_dict(), sort_keys=False)), end="", flush=True)
-    return 0
+    return Exit.DONE
 
 
 def check_backbone(cfg: Config) -> None:
@@ -128,4 +148,4 @@ def run_job(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         from prn_ray import storage
 
         print(f"error: {storage.redact(str(exc))}", file=sys.stderr, flush=True)
-        return 2
+        return Exit.INPUT

@@ -37,18 +37,18 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prn_ray.cli import run_job
+    from prn_ray.cli import Exit, run_job
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2  # no command: a usage error
+        return Exit.DONE if argv else Exit.INPUT  # no command: a usage error
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         print(f"usage: prn-ray <command> [flags]\nerror: unknown command {name!r}"
               + (f" (did you mean {close[0]}?)" if close else
                  f"; commands: {', '.join(COMMANDS)}"), file=sys.stderr)
-        return 2
+        return Exit.INPUT
     module = importlib.import_module(COMMANDS[name][0])
     return run_job(lambda args: module.main(args, prog=f"prn-ray {name}"), rest)

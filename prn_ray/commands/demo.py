@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prn_ray.cli import check_backbone, config_from_args, job_parser, print_config
+from prn_ray.cli import Exit, check_backbone, config_from_args, job_parser, print_config
 from prn_ray.config import ConfigError
 
 DEMO_CONFIG = "configs/demo.yaml"
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     results = train_all(cfg, args.products)
     print(train_summary(results), flush=True)
     if not any(r.status == "ok" for r in results):
-        return 1
+        return Exit.FAILED
 
     progress("demo", "3/4 nightly scoring of the test images")
     catalog = build_catalog(cfg).df
@@ -91,4 +91,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     auroc, n = mean_metrics(nightly).get("image_auroc", (float("nan"), 0))
     progress("demo", f"nightly scores vs ground truth (image AUROC {auroc:.3f}, mean of {n} "
                      f"product(s)): {storage.redact(scores_out)}/report.html")
-    return 0
+    return Exit.DONE

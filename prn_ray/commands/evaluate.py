@@ -12,7 +12,7 @@ masks at each image's own resolution instead.
 
 from __future__ import annotations
 
-from prn_ray.cli import config_from_args, job_parser, print_config
+from prn_ray.cli import Exit, config_from_args, job_parser, print_config
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                            catalog=catalog)
     if not evaluations:
         progress("evaluate", "nothing to evaluate (no registered model / no test images)")
-        return 1
+        return Exit.FAILED
     print(markdown_table(evaluations), flush=True)
     report = "" if args.no_report else f", report: {storage.redact(out)}/report.html"
     progress("evaluate", f"results: {storage.redact(out)}/results.json{report}")
-    return 0
+    return Exit.DONE

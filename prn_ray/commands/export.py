@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from prn_ray.cli import config_from_args, job_parser, print_config
+from prn_ray.cli import Exit, config_from_args, job_parser, print_config
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -54,4 +54,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     out = storage.redact(args.out)
     progress(args.product, f"wrote {out}/{doc['file']} and {out}/export.json "
                            f"(threshold {doc['threshold']:.4f})")
-    return 0
+    return Exit.DONE

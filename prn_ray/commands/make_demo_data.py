@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from prn_ray.cli import EXIT_CODES, JobParser, names
+from prn_ray.cli import EXIT_CODES, Exit, JobParser, names
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -51,4 +51,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     summary["root"] = storage.redact(summary["root"])
     print(json.dumps(summary, indent=2))
-    return 0
+    return Exit.DONE

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prn_ray.cli import EXIT_CODES, JobParser, names
+from prn_ray.cli import EXIT_CODES, Exit, JobParser, names
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -135,4 +135,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     print(counts.to_string())
     no_mask = int(((df["label"] == "anomaly") & (df["mask_uri"] == "")).sum())
     print(f"{len(df)} images ({no_mask} anomalies without a mask) -> {storage.redact(args.out)}")
-    return 0
+    return Exit.DONE

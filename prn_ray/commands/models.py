@@ -17,7 +17,7 @@ model, config errors).
 
 from __future__ import annotations
 
-from prn_ray.cli import config_from_args, job_parser, names, print_config
+from prn_ray.cli import Exit, config_from_args, job_parser, names, print_config
 
 # The metric columns follow registry.LISTED_METRICS.
 HEADERS = ("product", "version", "latest", "threshold", "rule", "false alarms", "recall",
@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     models = registry.list_models(cfg.storage, args.product)
     if args.json:
         print(dumps([asdict(m) for m in models], indent=2), flush=True)
-        return 0
+        return Exit.DONE
     if not models:
         print(f"no models under {storage.redact(cfg.storage.models_uri)}", flush=True)
-        return 0
+        return Exit.DONE
     rows = [(m.product, m.version, "*" if m.latest else "", m.threshold,
              m.threshold_rule or "-", rate(m.expected_fpr, m.n_normal),
              rate(m.expected_recall, m.n_anomalous), m.selection_metric,
@@ -61,4 +61,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
              (m.created_at or "-").replace("+00:00", ""))
             for m in models]
     print(format_table(HEADERS, rows, align="lllrlrrlrrrrrl"), flush=True)
-    return 0
+    return Exit.DONE

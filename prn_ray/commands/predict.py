@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from prn_ray.cli import check_runtime, config_from_args, job_parser, print_config
+from prn_ray.cli import Exit, check_runtime, config_from_args, job_parser, print_config
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                           say=lambda msg: progress(args.product, msg))
     except RuntimeMismatch as exc:  # the graph disagrees with its model: nothing was written
         print(f"error: {storage.redact(str(exc))}", file=sys.stderr, flush=True)
-        return 1
+        return Exit.FAILED
     c = summary.counts
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.errors_by_reason().items()))
     progress(args.product, f"{c['files']} files: {c['scored']} scored, {c['anomalous']} "
@@ -68,4 +68,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                            f"{summary.version}), {c['errors']} errors"
                            + (f" ({reasons})" if reasons else ""))
     progress(args.product, f"wrote {storage.redact(storage.join(args.out, CSV_NAME))}")
-    return 0
+    return Exit.DONE

@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prn_ray.cli import check_runtime, config_from_args, job_parser, print_config
+from prn_ray.cli import Exit, check_runtime, config_from_args, job_parser, print_config
 from prn_ray.config import Config
 from prn_ray.errors import UsageError
-
-EXIT_BUSY = 4  # another run holds a partition of this date (see the module doc)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         versions = {p: m.version for p, m in models.items()}
         inputs = {p: m.geometry.describe() for p, m in models.items() if m.geometry}
         print(score_plan(cfg, frame, args.input, date, versions, inputs), flush=True)
-        return 0
+        return Exit.DONE
 
     from prn_ray.runtime import init_ray
     from prn_ray.scoring.lease import LeaseBusy
@@ -93,9 +91,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         summary = score(cfg, args.input, date=date, products=args.products, run_id=args.run_id)
     except LeaseBusy as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BUSY
+        return Exit.BUSY
     print(format_summary(summary), flush=True)
-    return 3 if summary.status == "partial" else 0
+    return Exit.PARTIAL if summary.status == "partial" else Exit.DONE
 
 
 def check_input(input_uri: str, cfg: Config) -> None:

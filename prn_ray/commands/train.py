@@ -14,7 +14,7 @@ failed, 2 when the arguments, config, data location, --run-id or --use-tuned stu
 
 from __future__ import annotations
 
-from prn_ray.cli import check_backbone, config_from_args, job_parser, print_config
+from prn_ray.cli import Exit, check_backbone, config_from_args, job_parser, print_config
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         from prn_ray.plans import train_plan
 
         print(train_plan(cfg, catalog.df, inputs[2], args.run_id, overrides), flush=True)
-        return 0
+        return Exit.DONE
 
     from prn_ray.runtime import init_ray
     from prn_ray.train.fleet import format_summary, train_all
@@ -56,4 +56,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     results = train_all(cfg, args.products, run_id=args.run_id, overrides=overrides,
                         inputs=inputs)
     print(format_summary(results), flush=True)
-    return 0 if all(r.status == "ok" for r in results) else 1
+    return Exit.DONE if all(r.status == "ok" for r in results) else Exit.FAILED

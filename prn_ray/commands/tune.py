@@ -12,7 +12,7 @@ overrides go to <tune output>/<study>/<product>/best.json; train the final model
 
 from __future__ import annotations
 
-from prn_ray.cli import check_backbone, config_from_args, job_parser, print_config
+from prn_ray.cli import Exit, check_backbone, config_from_args, job_parser, print_config
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
         print(tune_plan(cfg, catalog.df, products, args.samples or cfg.tune.num_samples,
                         args.study_id), flush=True)
-        return 0
+        return Exit.DONE
 
     from prn_ray.runtime import init_ray
     from prn_ray.studies import tune_root
@@ -51,4 +51,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     print(format_summary(docs), flush=True)
     if docs:
         progress("tune", f"results under {storage.redact(tune_root(cfg, docs[0]['study']))}")
-    return 0 if all("error" not in d for d in docs) else 1
+    return Exit.DONE if all("error" not in d for d in docs) else Exit.FAILED

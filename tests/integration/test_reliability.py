@@ -23,6 +23,7 @@ from faultproxy import FaultProxy
 from helpers import REPO, TINY, new_bucket
 
 from prn_ray import registry, storage
+from prn_ray.cli import Exit
 from prn_ray.config import load_config
 from prn_ray.data.catalog import build_catalog
 from prn_ray.demo_data import make_dataset, render
@@ -229,7 +230,7 @@ def test_busy_partition_exits_4_and_commits_nothing(world, clean, capsys):
                                   wait_s=0):
         rc = module.main(_job_args(world, out, "score.lease_wait_s=1"))
     err = capsys.readouterr().err
-    assert rc == 4, err
+    assert rc == Exit.BUSY, err
     assert "another run holds a partition" in err and "score-other-run" in err
     assert sc_table.read_scores(out, date=DATE).empty
     assert not storage.list_files(f"{out}/_staging")

@@ -35,6 +35,7 @@ import torch
 from helpers import REPO, bad_files, job_main, new_bucket, ref_aupro
 
 from prn_ray import registry, storage
+from prn_ray.cli import Exit
 from prn_ray.config import StorageConfig, load_config
 from prn_ray.data.catalog import build_catalog
 from prn_ray.demo_data import make_dataset, render
@@ -258,7 +259,7 @@ def test_rerun_same_date_replaces_and_threshold_override(world, first_run, capsy
     _, before = first_run
     rc = _run_job_here(*_job_args(world, "--threshold", "0.37"))
     printed = capsys.readouterr().out
-    assert rc == 3, printed  # committed; metal_plate has no model
+    assert rc == Exit.PARTIAL, printed  # committed; metal_plate has no model
     assert "threshold override 0.37" in printed and "no_model" in printed
     after = sc_table.read_scores(world["output"], date=DATE)
     _assert_one_row_per_image(after, world["truth"])
@@ -360,7 +361,7 @@ def test_killed_job_never_exposes_half_partitions_and_rerun_heals(world, first_r
     plain = pads.dataset(loc.path, filesystem=loc.fs, format="parquet", partitioning="hive")
     assert plain.count_rows(filter=pads.field("date") == DATE) == len(world["truth"])
     # The next run heals everything.
-    assert _run_job_here(*_job_args(world)) == 3
+    assert _run_job_here(*_job_args(world)) == Exit.PARTIAL
     healed = _check_partitions_consistent(world)
     run_ids = {m["run_id"] for m in healed.values()}
     assert len(run_ids) == 1 and run_ids.isdisjoint({m["run_id"] for m in after.values()})
