@@ -187,7 +187,8 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
 
     reasons: Counter = Counter()
     # Ops/test hook: pause before each partition commit, so a kill can be aimed between
-    # commits (tests/test_scoring.py kills a real job there). Unset in production.
+    # commits (tests/integration/test_scoring.py and test_reliability.py kill or race a real
+    # job there). Unset in production.
     commit_delay = float(os.environ.get(COMMIT_DELAY_ENV) or 0)
     # One committer per partition: another run of this date waits here, or gives up (LeaseBusy).
     try:

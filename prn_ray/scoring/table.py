@@ -81,7 +81,6 @@ SCORE_SCHEMA = pa.schema([
     pa.field("error", pa.string()),
 ])
 COLUMNS = tuple(SCORE_SCHEMA.names)
-PARTITION_KEYS = ("date", "product")
 PIDX = "_pidx"  # staging-only partition key (product index): never reaches the output files
 STAGING_SCHEMA = SCORE_SCHEMA.append(pa.field(PIDX, pa.int32()))
 MARKER = "_SUCCESS"
@@ -93,10 +92,8 @@ BAD_PRODUCT_NAME = "bad_product_name"
 # this reserved name (never a valid product name: it starts with '_'), product column included,
 # so read_scores still returns one row per input image; the rejected name is in the error.
 INVALID_PRODUCT = "_invalid"
-COMMIT_DELAY_ENV = "PRN_SCORE_COMMIT_DELAY_S"
 STALE_STAGING_S = 24 * 3600  # staging of a run older than this is a dead run's: removed
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_STAGING_MIN_FILE_BYTES = 32 * 1024 * 1024  # coalesce small blocks into fewer output files
 _PANDAS_TYPES = {pa.int32(): pd.Int32Dtype(), pa.bool_(): pd.BooleanDtype()}
 
 
