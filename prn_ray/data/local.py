@@ -15,10 +15,9 @@ import torch
 from prn_ray import images
 from prn_ray.config import Config
 from prn_ray.contracts import FEATURE_COLUMNS
-from prn_ray.data.stages import SynthesisBanks
+from prn_ray.data.stages import SynthesisBanks, backbone_features, feature_dtype
 from prn_ray.geometry import Geometry
 from prn_ray.model import Backbone
-from prn_ray.model.inputs import images_to_tensor
 
 
 def feature_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config,
@@ -32,7 +31,7 @@ def feature_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config,
     Rows that fail to decode are dropped here (the Ray path reports them upstream)."""
     synth = (banks.validation_synthesizer if validation else banks.synthesizer)(cfg, geometry)
     stop = len(frame) - batch_size + 1 if drop_last else len(frame)
-    dtype = torch.float16 if cfg.model.feature_dtype == "float16" else torch.float32
+    dtype = feature_dtype(cfg.model)
     for i in range(0, max(stop, 0), batch_size):
         rows = frame.iloc[i:i + batch_size]
         batch = {c: rows[c].to_numpy() for c in rows.columns}
@@ -40,9 +39,8 @@ def feature_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config,
                                     geometry=geometry)
         ok = images.error_free(batch["error"])
         batch = synth({k: v[ok] for k, v in batch.items()})
-        with torch.inference_mode():
-            feats = backbone(images_to_tensor(batch["image"]))
-        out = {c: f.to(dtype) for c, f in zip(FEATURE_COLUMNS, feats)}
+        feats = backbone_features(backbone, batch["image"], None, dtype)
+        out = {c: torch.from_numpy(f) for c, f in zip(FEATURE_COLUMNS, feats)}
         out["mask"] = torch.from_numpy(np.ascontiguousarray(batch["mask"]))
         for c in extra:
             out[c] = torch.as_tensor(np.asarray(batch[c]))
@@ -56,17 +54,16 @@ def streamed_batches(frame: pd.DataFrame, banks: SynthesisBanks, cfg: Config,
     ``epoch, pos, error, mask, feat0..3``, failed rows kept with ``error`` set (the in-process
     twin of :func:`prn_ray.train.datasets.train_dataset`)."""
     synth = banks.synthesizer(cfg, geometry)
-    dtype = np.float16 if cfg.model.feature_dtype == "float16" else np.float32
+    dtype = feature_dtype(cfg.model)
     for i in range(0, len(frame), batch_size):
         rows = frame.iloc[i:i + batch_size]
         batch = images.decode_batch({c: rows[c].to_numpy() for c in rows.columns},
                                     storage_cfg=cfg.storage, data_cfg=cfg.data,
                                     geometry=geometry)
         batch = synth(batch)
-        with torch.inference_mode():
-            feats = backbone(images_to_tensor(batch["image"]))
+        feats = backbone_features(backbone, batch["image"], batch["error"], dtype)
         out = {c: np.asarray(batch[c]) for c in ("epoch", "pos", "error", "mask")}
-        out.update((c, f.float().numpy().astype(dtype)) for c, f in zip(FEATURE_COLUMNS, feats))
+        out.update(zip(FEATURE_COLUMNS, feats))
         yield out
 
 
@@ -74,22 +71,13 @@ def reference_batches(normals: list[str], cfg: Config, geometry: Geometry, backb
                       batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every view's features with ``image_uri``, ``view`` and ``error`` kept (the in-process
     twin of :func:`prn_ray.train.datasets.reference_dataset`)."""
-    dtype = np.float16 if cfg.model.feature_dtype == "float16" else np.float32
+    dtype = feature_dtype(cfg.model)
     for i in range(0, len(normals), batch_size):
         batch = {"image_uri": np.array(normals[i:i + batch_size], dtype=object),
                  "mask_uri": np.array([""] * len(normals[i:i + batch_size]), dtype=object)}
         batch = images.decode_batch(batch, storage_cfg=cfg.storage, data_cfg=cfg.data,
                                     geometry=geometry)
-        ok = images.error_free(batch["error"])
         out = {"image_uri": batch["image_uri"], "view": batch["view"], "error": batch["error"]}
-        feats = [np.zeros((len(ok), 0), dtype)] * len(FEATURE_COLUMNS)
-        if ok.any():
-            with torch.inference_mode():
-                good = backbone(images_to_tensor(batch["image"][ok]))
-            feats = []
-            for f in good:
-                full = np.zeros((len(ok), *f.shape[1:]), dtype)
-                full[ok] = f.float().numpy().astype(dtype)
-                feats.append(full)
+        feats = backbone_features(backbone, batch["image"], batch["error"], dtype)
         out.update(zip(FEATURE_COLUMNS, feats))
         yield out

@@ -228,11 +228,46 @@ def build_banks(data: ProductData, others: dict[str, list[str]], cfg: Config,
 # ----------------------------------------------------------------------------- features
 
 
+def feature_dtype(model_cfg: ModelConfig) -> type[np.floating]:
+    """The dtype features travel in (``model.feature_dtype``): numpy's float16 or float32."""
+    return np.float16 if model_cfg.feature_dtype == "float16" else np.float32
+
+
+@torch.inference_mode()
+def backbone_features(backbone: torch.nn.Module, images_hwc: np.ndarray, errors: np.ndarray,
+                      dtype: type[np.floating], device: torch.device | str = "cpu"
+                      ) -> list[np.ndarray]:
+    """The backbone's four maps of a batch of B x H x W x 3 uint8 images, as ``dtype``; rows
+    whose ``error`` is set get zero features without running the backbone (their image is a
+    black placeholder: it is filtered downstream, and must not cost a forward pass). One
+    implementation for the Ray actor (:class:`FeatureExtractor`) and the in-process runner."""
+    ok = images.error_free(errors) if errors is not None else np.ones(len(images_hwc), bool)
+    if ok.all():
+        return [f.float().cpu().numpy().astype(dtype, copy=False)
+                for f in backbone(images_to_tensor(images_hwc, device))]
+    if not ok.any():
+        shapes = _feature_shapes(backbone, images_hwc.shape[1:3], device)
+        return [np.zeros((len(ok), *s), dtype) for s in shapes]
+    good = backbone(images_to_tensor(images_hwc[ok], device))
+    out = []
+    for f in good:
+        full = np.zeros((len(ok), *f.shape[1:]), dtype)
+        full[ok] = f.float().cpu().numpy().astype(dtype, copy=False)
+        out.append(full)
+    return out
+
+
+def _feature_shapes(backbone: torch.nn.Module, size: tuple[int, int],
+                    device: torch.device | str) -> list[tuple[int, ...]]:
+    x = np.zeros((1, *size, 3), np.uint8)
+    return [tuple(f.shape[1:]) for f in backbone(images_to_tensor(x, device))]
+
+
 class FeatureExtractor:
     """The frozen backbone, loaded once, applied to image batches (a Ray Data actor, or in-process).
 
-    Rows with ``error`` set pass through with zero features (they are filtered downstream),
-    so a bad image never fails a batch of good ones.
+    Rows with ``error`` set pass through with zero features (:func:`backbone_features`; they
+    are filtered downstream), so a bad image never fails a batch of good ones.
     """
 
     def __init__(self, model_cfg: ModelConfig, storage_cfg: StorageConfig, image_size: int,
@@ -242,17 +277,15 @@ class FeatureExtractor:
         self.device = inference_device()
         backbone = Backbone(model_cfg.backbone, model_cfg.weights, storage_cfg).folded()
         self.backbone = prepare(backbone, self.device, threads)
-        self.dtype = np.float16 if model_cfg.feature_dtype == "float16" else np.float32
+        self.dtype = feature_dtype(model_cfg)
         self.image_size = image_size
         self.keep = keep
 
-    @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = images_to_tensor(batch["image"], self.device)
-        feats = self.backbone(x)
+        feats = backbone_features(self.backbone, batch["image"], batch.get("error"),
+                                  self.dtype, self.device)
         out = {k: v for k, v in batch.items() if k != "image"}
-        for name, f in zip(FEATURE_COLUMNS, feats):
-            out[name] = f.float().cpu().numpy().astype(self.dtype, copy=False)
+        out.update(zip(FEATURE_COLUMNS, feats))
         if self.keep is not None:  # select here: a select_columns op would want a whole CPU
             out = {k: out[k] for k in (*self.keep, *FEATURE_COLUMNS)}
         return out

@@ -35,7 +35,7 @@ from prn_ray.console import Every, detail, progress, rate_line
 from prn_ray.contracts import FEATURE_COLUMNS
 from prn_ray.data.feature_cache import FeatureCache, seen_features
 from prn_ray.data.product import ProductData
-from prn_ray.data.stages import SynthesisBanks
+from prn_ray.data.stages import SynthesisBanks, feature_dtype
 from prn_ray.engine.image_labels import keep_strongest_views
 from prn_ray.geometry import Geometry
 from prn_ray.model.inputs import images_to_tensor
@@ -174,7 +174,7 @@ def build_feature_cache(normals: Features, banks: SynthesisBanks, backbone: torc
     Tiled, an image-labelled defect keeps only its strongest view
     (:func:`~prn_ray.engine.image_labels.keep_strongest_views`): ``banks.seen`` and
     ``data.seen`` lose the others too, so the epoch plan indexes the views that train."""
-    dtype = np.float16 if cfg.model.feature_dtype == "float16" else np.float32
+    dtype = feature_dtype(cfg.model)
     if banks.seen:
         seen, masks = seen_features(banks.seen, backbone, dtype)
         if geometry.tiled and len(data.seen) == len(banks.seen):

@@ -132,12 +132,13 @@ def _check_study(cfg, docs, study_id: str, samples: int) -> int:
     return stopped
 
 
-def test_tuning_writes_best_configs_and_asha_stops_the_hopeless_trial(tuned, bucket):
+def test_tuning_writes_each_products_best_overrides(tuned, bucket):
+    """The study's plumbing: a best.json per product with the space's overrides. (Whether
+    ASHA cuts a hopeless trial this early is not reliable -- at a rung 8 steps in it tied with
+    the configuration as given in 3 of 4 runs --; early stopping is asserted by the heavy
+    2 x 4-trial study below.)"""
     cfg, docs = tuned
     assert bucket[1]  # the test split exists and is unreadable
-    # Whether ASHA cuts the hopeless trial this early is not reliable (at a rung 8 steps in it
-    # tied with the configuration as given in 3 of 4 runs); early stopping is asserted by the
-    # heavy 2 x 4-trial study below. Here: the study's plumbing and the tuned values.
     _check_study(cfg, docs, "study-a", samples=2)
     for product in TUNED:
         best = json.loads(storage.read_text(f"{tune_root(cfg, 'study-a')}/{product}/best.json"))
