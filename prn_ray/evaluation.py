@@ -99,8 +99,9 @@ class EvalScorer:
 
 
 @dataclass
-class ProductResult:
-    """Everything measured for one product (kept in memory until the report is written)."""
+class ProductMaps:
+    """One product's test split as evaluated: its metrics and every map and mask (kept in
+    memory until the report is written)."""
 
     evaluation: ProductEvaluation
     maps: list[np.ndarray]  # per image, its working size, float32
@@ -135,7 +136,7 @@ def resolution(geometry: Geometry, sizes: list[tuple[int, int]]) -> str:
 
 
 def evaluate_product(cfg: Config, product: str, test: pd.DataFrame, version: str | None = None
-                     ) -> ProductResult:
+                     ) -> ProductMaps:
     """Score one product's test rows with its registered model (Ray Data) and measure, at
     the resolution the model works at (the working size: the model's input for a whole
     image, the image at the cut scale for tiles)."""
@@ -189,7 +190,7 @@ def evaluate_product(cfg: Config, product: str, test: pd.DataFrame, version: str
         calibration=thresholds.under_rule(mv.calibration, cfg.score.threshold_rule))
     if mv.image_head is not None:
         _head_ablation(evaluation, mv, geometry, maps, labels)
-    return ProductResult(evaluation, maps, masks, uris, errors)
+    return ProductMaps(evaluation, maps, masks, uris, errors)
 
 
 def _head_ablation(evaluation: ProductEvaluation, mv, geometry: Geometry,
@@ -210,7 +211,7 @@ def _head_ablation(evaluation: ProductEvaluation, mv, geometry: Geometry,
         f"{100 * value:.1f})")}
 
 
-def _examples(cfg: Config, res: ProductResult, geometry: Geometry, max_examples: int) -> None:
+def _examples(cfg: Config, res: ProductMaps, geometry: Geometry, max_examples: int) -> None:
     """Attach the report's image grid: the selected images again (small, in-process), at the
     resolution of their maps (the stitched map of a tiled model, not a squashed one)."""
     ev = res.evaluation
@@ -226,7 +227,7 @@ def _examples(cfg: Config, res: ProductResult, geometry: Geometry, max_examples:
             defect_type=str(ev.defect_types[i]), name=res.uris[i].rsplit("/", 1)[-1]))
 
 
-def save_maps(res: ProductResult, uri: str, storage_cfg: StorageConfig | None) -> None:
+def save_maps(res: ProductMaps, uri: str, storage_cfg: StorageConfig | None) -> None:
     """``maps/<product>.npz``: uris, labels, scores and, when every image has one size,
     ``maps`` / ``masks`` stacked (else ``map_<i>`` / ``mask_<i>`` per image)."""
     ev = res.evaluation
