@@ -212,7 +212,8 @@ class HeadTrainer:
         val = self._val_epoch[1]
         maps = predict_logits(self.head, val.features, self.cfg.train.batch_size, self.device,
                               self.precision)
-        self._last_validation = (maps, val)  # the image head is fitted on these maps
+        if self.cfg.model.image_head:  # the head is fitted on these maps (else not kept)
+            self._last_validation = (maps, val)
         return validation_metrics(maps, val, self.cfg)
 
     def end_epoch(self, epoch: int, mean_loss: float, report) -> bool:
