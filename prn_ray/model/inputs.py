@@ -28,8 +28,14 @@ def pixels_to_input(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.permute(0, 3, 1, 2).float().div(255.0)
 
 
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A numpy array as a CPU tensor without a copy where it can be: Ray hands read-only views
+    of the object store, and only those (or non-contiguous arrays) are copied (torch warns on
+    a read-only buffer and may not write through it)."""
+    return torch.from_numpy(np.require(array, requirements=("C", "W")))
+
+
 def images_to_tensor(batch_images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """B x H x W x 3 uint8 -> B x 3 x H x W float in [0, 1] (the backbone normalises itself)."""
-    # Ray hands read-only views of the object store; copy only then (torch warns otherwise).
-    t = torch.from_numpy(np.require(batch_images, requirements=("C", "W"))).to(device)
+    t = as_tensor(batch_images).to(device)
     return pixels_to_input(t).contiguous(memory_format=torch.channels_last)

@@ -29,7 +29,7 @@ import ray
 
 from prn_ray import storage
 from prn_ray.config import Config, from_dict
-from prn_ray.config_checks import SAMPLERS
+from prn_ray.config_checks import search_space as check_search_space
 from prn_ray.console import format_table, progress
 from prn_ray.contracts import dumps, new_id
 from prn_ray.data.catalog import training_inputs
@@ -46,10 +46,10 @@ def search_space(cfg: Config) -> dict[str, Any]:
     from ray import tune
 
     out: dict[str, Any] = {}
+    problem = check_search_space(cfg.tune.search_space)  # the config check's own rule
+    if problem:
+        raise ValueError(f"tune.search_space {problem}")
     for key, spec in cfg.tune.search_space.items():
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
-            raise ValueError(f"tune.search_space.{key}: expected one of {SAMPLERS} -> args, "
-                             f"got {spec!r}")
         kind, args = next(iter(spec.items()))
         cfg.replace({key: args[0]})  # fails early, with the valid keys, on a typo
         out[key] = {

@@ -28,6 +28,7 @@ from prn_ray.engine.trainer import HeadTrainer
 from prn_ray.engine.validation import ValidationSet
 from prn_ray.geometry import Geometry
 from prn_ray.model import PRNHead
+from prn_ray.model.inputs import as_tensor
 from prn_ray.runtime import quiet_train_worker
 from prn_ray.train.datasets import TRAIN_COLUMNS, VALIDATION_COLUMNS
 
@@ -124,8 +125,7 @@ def with_features(batches: Iterable[dict[str, np.ndarray]], extract: FeatureExtr
 
 
 def as_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    # Ray hands read-only views of the object store: copy only those (torch warns otherwise).
-    return {k: torch.from_numpy(np.require(v, requirements=("C", "W"))) for k, v in batch.items()}
+    return {k: as_tensor(v) for k, v in batch.items()}
 
 
 def on_device(batches: Iterator[dict[str, torch.Tensor]], device: torch.device
