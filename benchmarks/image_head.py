@@ -69,8 +69,8 @@ def main() -> None:
     head = mv.build().head
     logits = predict_logits(head, val.features, cfg.train.batch_size, torch.device("cpu"),
                             cfg.train.precision)
-    map_scores, _, _ = val.image_scores(torch.sigmoid(logits), cfg)
-    calibration = head_calibration(logits, val, cfg, map_scores)
+    map_scores, labels, groups = val.image_scores(torch.sigmoid(logits), cfg)
+    calibration = head_calibration(logits, val, cfg, map_scores, labels, groups)
     version = registry.publish(
         cfg.replace({"storage.models_uri": args.out_models}), args.product,
         head_state=mv.head_state, backbone_state=mv.backbone_state, geometry=mv.geometry,

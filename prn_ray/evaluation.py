@@ -197,10 +197,7 @@ def _head_ablation(evaluation: ProductEvaluation, mv, geometry: Geometry,
                    maps: list[np.ndarray], labels: np.ndarray) -> None:
     """A model with an image head: the test image AUROC of the map's own rule beside the
     head's (the same maps, scored both ways), in ``metrics`` and in the report's info."""
-    from prn_ray.model.prn import area_kernel
-
-    rule = ScoreRule(mv.config.model.score, mv.config.model.score_topk,
-                     area_kernel(geometry.size))
+    rule = ScoreRule.from_config(mv.config.model, geometry.size)
     plain = np.array([rule(a) for a in maps], np.float64)
     value = metrics.image_auroc(labels, plain) if labels.any() and not labels.all() \
         else float("nan")

@@ -39,15 +39,20 @@ class ScoreRule:
         return cls(model.score_kind, model.score_topk, model.area_kernel,
                    getattr(model, "image_head", None))
 
-    def map_rule(self) -> ScoreRule:
-        """The same rule without the head: the map's own score (the head's ablation)."""
-        return ScoreRule(self.kind, self.topk, self.kernel)
+    @classmethod
+    def from_config(cls, model_cfg, size: tuple[int, int]) -> ScoreRule:
+        """The map's own rule from a config (``model.score``, ``score_topk``) at a model input
+        ``size`` (its ``area`` window), without a head: validation, and the head's ablation."""
+        from prn_ray.model.prn import area_kernel
+
+        return cls(model_cfg.score, model_cfg.score_topk, area_kernel(size))
 
     def __call__(self, amap: np.ndarray) -> float:
         """The score of one stitched map: the head's where there is one, else the model's
         ``image_score``, computed here without its full sort (the graph needs a static sort;
         a stitched 1 500 x 1 000 map sorted took 111 ms, a partition of its top k 1.9 ms: the
-        same k values, so the same mean up to the order of a float32 sum). NaN (pixels no view reached) is the largest value in both."""
+        same k values, so the same mean up to the order of a float32 sum). NaN (pixels no
+        view reached) is the largest value in both."""
         if self.head is not None:
             return self.head(amap)
         flat = np.ascontiguousarray(amap, dtype=np.float32).ravel()

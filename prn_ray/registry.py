@@ -31,7 +31,7 @@ from prn_ray.config import Config, StorageConfig, from_dict
 from prn_ray.contracts import cpu_tensors, dumps, id_time, new_id
 from prn_ray.errors import RegistryError  # noqa: F401 - raised here, caught by the CLIs
 from prn_ray.geometry import Geometry, as_size
-from prn_ray.thresholds import ThresholdRuleError, held_out_counts, threshold_for
+from prn_ray.thresholds import ThresholdRuleError, held_out_counts, own_rule, threshold_for
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written: resolving a model
     import torch  # (the scoring driver's part) stays free of it
@@ -270,7 +270,7 @@ def list_models(storage_cfg: StorageConfig, products: list[str] | None = None
                 weights=cfg.get("model", {}).get("weights"),
                 selection_metric=cfg.get("train", {}).get("selection_metric"),
                 metrics={k: validation[k] for k in LISTED_METRICS if k in validation},
-                threshold_rule=calibration.get("threshold_rule", calibration.get("rule")),
+                threshold_rule=own_rule(calibration),
                 expected_fpr=calibration.get("val_fpr"),
                 expected_recall=calibration.get("val_tpr"),
                 **dict(zip(("n_normal", "n_anomalous"), held_out_counts(calibration)))))

@@ -110,12 +110,16 @@ def effective_rule(cfg) -> str:
     return "f1"
 
 
+def own_rule(calibration: dict) -> str | None:
+    """The rule a calibration was made with (``threshold_rule``; older ones: ``rule``)."""
+    return calibration.get("threshold_rule", calibration.get("rule"))
+
+
 def threshold_for(calibration: dict, rule: str | None) -> float:
     """A registered model's threshold under ``rule``: the calibrated one when the rule is the
     one it was calibrated with (or none is asked), else re-derived from the held-out scores the
     calibration kept. A model calibrated before those were kept cannot change rule."""
-    own = calibration.get("threshold_rule", calibration.get("rule"))
-    if rule and rule != own and not calibration.get("held_out_scores"):
+    if rule and rule != own_rule(calibration) and not calibration.get("held_out_scores"):
         raise ThresholdRuleError(f"this model was calibrated without its held-out scores: "
                                  f"retrain it to use threshold rule {rule!r}")
     return float(under_rule(calibration, rule)["threshold"])
@@ -125,7 +129,7 @@ def under_rule(calibration: dict, rule: str | None) -> dict:
     """The calibration as a run under ``rule`` uses it: its threshold, rule and held-out
     false-alarm rate and recall re-derived from the held-out scores (the calibration itself
     when the rule is its own, or when it kept no scores: :func:`threshold_for` refuses those)."""
-    if not rule or rule == calibration.get("threshold_rule", calibration.get("rule")):
+    if not rule or rule == own_rule(calibration):
         return calibration
     held = calibration.get("held_out_scores")
     if not held:
@@ -134,7 +138,7 @@ def under_rule(calibration: dict, rule: str | None) -> dict:
     return {**calibration, "threshold": c.threshold, "threshold_rule": c.rule,
             "rule": parse_rule(c.rule.split(" ")[0])[0], "val_fpr": c.expected_fpr,
             "val_tpr": c.expected_recall, "n_normal": c.n_normal, "n_recall": c.n_anomalous,
-            "calibrated_rule": calibration.get("threshold_rule", calibration.get("rule"))}
+            "calibrated_rule": own_rule(calibration)}
 
 
 def held_out_counts(calibration: dict) -> tuple[int | None, int | None]:

@@ -13,7 +13,6 @@ import math
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from prn_ray.config import Config
@@ -85,7 +84,6 @@ class HeadTrainer:
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.val: ValidationSet | None = None
         self._val_epoch: tuple[ValidationSet, ValidationSet] | None = None  # (all, per epoch)
-        self._last_validation: tuple[torch.Tensor, ValidationSet] | None = None
         self._mark = 0.0
         self._step_s = 0.0  # this epoch's time inside steps (train_s less the data waits)
         self.say_every_s = 120.0
@@ -190,15 +188,16 @@ class HeadTrainer:
 
     def _validate_and_select(self, epoch: int, record: dict[str, Any]) -> None:
         state = self.state
-        vm, scores, labels, groups = self.validate()
+        logits, val = self.validation_maps()
+        vm, scores, labels, groups = validation_metrics(logits, val, self.cfg)
         score = selection_score(vm, self.cfg)
         vm["val_selection"] = score
         record.update(vm)
         if not math.isnan(score) and score > state.best_score:
             state.best_score, state.best_epoch, state.best_metrics = score, epoch, vm
-            if self.cfg.model.image_head:
-                logits, val = self._last_validation
-                state.calibration = head_calibration(logits, val, self.cfg, scores)
+            if self.cfg.model.image_head:  # fitted on this validation's maps
+                state.calibration = head_calibration(logits, val, self.cfg, scores, labels,
+                                                     groups)
             else:
                 state.calibration = calibrate(scores, labels, groups, self.cfg)
             self.best = cpu_tensors(self.head.state_dict())
@@ -206,15 +205,13 @@ class HeadTrainer:
         else:
             state.stale_validations += 1
 
-    def validate(self) -> tuple[dict[str, float], np.ndarray, np.ndarray, np.ndarray]:
+    def validation_maps(self) -> tuple[torch.Tensor, ValidationSet]:
+        """The head's logit maps of this epoch's validation views, and those views."""
         if self._val_epoch is None or self._val_epoch[0] is not self.val:
             self._val_epoch = (self.val, self.val.limited(self.cfg.train.val_normal_views))
         val = self._val_epoch[1]
-        maps = predict_logits(self.head, val.features, self.cfg.train.batch_size, self.device,
-                              self.precision)
-        if self.cfg.model.image_head:  # the head is fitted on these maps (else not kept)
-            self._last_validation = (maps, val)
-        return validation_metrics(maps, val, self.cfg)
+        return predict_logits(self.head, val.features, self.cfg.train.batch_size, self.device,
+                              self.precision), val
 
     def end_epoch(self, epoch: int, mean_loss: float, report) -> bool:
         """Validate/select/calibrate as configured, call ``report``. True = stop training."""

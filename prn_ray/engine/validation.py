@@ -24,7 +24,7 @@ from prn_ray.contracts import (
 from prn_ray.engine.optim import autocast
 from prn_ray.geometry import resolve
 from prn_ray.inference import ImageMap, ScoreRule, stitch_items
-from prn_ray.model.prn import area_kernel, image_score
+from prn_ray.model.prn import image_score
 
 # What a validation view carries besides its features and mask (local and Ray paths alike):
 # its group, the validation image it belongs to, its grid index and that image's own size.
@@ -98,7 +98,7 @@ class ValidationSet:
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(score, label, group) per validation image from the views' probability maps
         (N x h x w): stitched as scoring stitches them, scored by the model's map rule."""
-        rule = map_rule(cfg, tuple(probs.shape[-2:]))
+        rule = ScoreRule.from_config(cfg.model, tuple(probs.shape[-2:]))
         if self.items is None or not resolve(cfg.data).tiled:
             masks = self.masks.numpy().reshape(len(self), -1).any(1)
             scores = image_score(probs[:, None], rule.kind, rule.topk, rule.kernel).numpy()
@@ -109,7 +109,7 @@ class ValidationSet:
     def image_maps(self, probs: torch.Tensor, cfg: Config
                    ) -> tuple[list[ImageMap], np.ndarray, np.ndarray]:
         """(stitched map with its map-rule score, label, group) per validation image."""
-        rule = map_rule(cfg, tuple(probs.shape[-2:]))
+        rule = ScoreRule.from_config(cfg.model, tuple(probs.shape[-2:]))
         masks = self.masks.numpy().reshape(len(self), -1).any(1)
         groups = self.groups.numpy()
         geometry = resolve(cfg.data)
@@ -122,11 +122,6 @@ class ValidationSet:
         first = {m.item: int(np.flatnonzero(items == m.item)[0]) for m in maps}
         labels = np.array([masks[items == m.item].any() for m in maps])
         return maps, labels, np.array([groups[first[m.item]] for m in maps])
-
-
-def map_rule(cfg: Config, size: tuple[int, int]) -> ScoreRule:
-    """The map's own score rule (``model.score``, ``score_topk``, the ``area`` window)."""
-    return ScoreRule(cfg.model.score, cfg.model.score_topk, area_kernel(size))
 
 
 @torch.no_grad()
@@ -258,34 +253,34 @@ def fit_image_head(logits: torch.Tensor, val: ValidationSet, cfg: Config
 
     Image-labelled and masked real defects count alike here: the head needs image labels only."""
     maps, labels, groups = val.image_maps(torch.sigmoid(logits), cfg)
-    rule = map_rule(cfg, tuple(logits.shape[-2:]))
+    rule = ScoreRule.from_config(cfg.model, tuple(logits.shape[-2:]))
     names = image_head.statistics_for(resolve(cfg.data).tiled)
     stats = np.stack([image_head.map_statistics(m.amap, names, rule.topk, rule.kernel)
                       for m in maps])
     weights = image_head.sample_weights(labels, np.isin(groups, REAL_GROUPS))
-    seed = cfg.train.seed
     held = image_head.cross_fitted(stats, labels, weights, names, rule.topk, rule.kernel,
-                                   seed=seed)
+                                   seed=cfg.train.seed)
     head = image_head.fit(stats, labels, weights, names, rule.topk, rule.kernel)
     return head, held, labels, groups
 
 
 def head_calibration(logits: torch.Tensor, val: ValidationSet, cfg: Config,
-                     map_scores: np.ndarray) -> dict[str, Any]:
+                     map_scores: np.ndarray, labels: np.ndarray, groups: np.ndarray
+                     ) -> dict[str, Any]:
     """:func:`calibrate` on the image head's cross-fitted scores, with the head itself and
-    both scores' validation image AUROC (the head against the map rule it replaces)."""
+    both scores' validation image AUROC (the head against the map rule it replaces).
+    ``map_scores``, ``labels``, ``groups``: per validation image, as
+    :func:`validation_metrics` returns them for ``logits``."""
     try:
         head, held, labels, groups = fit_image_head(logits, val, cfg)
     except ValueError as exc:  # too few validation images of a kind to fit and cross-fit
-        _, labels, groups = val.image_maps(torch.sigmoid(logits), cfg)
         return {**calibrate(map_scores, labels, groups, cfg),
                 "image_head_skipped": f"{exc}; the map rule scores this version"}
     doc = calibrate(held, labels, groups, cfg)
     real = (~labels) | np.isin(groups, REAL_GROUPS)
-    auroc = {}
-    for name, s in (("head", held), ("map_rule", map_scores)):
-        sel = real if (labels & real).any() else np.ones(len(labels), bool)
-        auroc[name] = round(float(metrics.image_auroc(labels[sel], s[sel])), 5)
+    sel = real if (labels & real).any() else np.ones(len(labels), bool)
+    auroc = {name: round(float(metrics.image_auroc(labels[sel], s[sel])), 5)
+             for name, s in (("head", held), ("map_rule", map_scores))}
     doc["image_head"] = {**head.to_doc(), "val_image_auroc": auroc,
                          "scores": "cross-fitted over 5 folds of the validation images"}
     return doc

@@ -22,7 +22,7 @@ import numpy as np
 from prn_ray import metrics as M
 from prn_ray import storage
 from prn_ray.config import StorageConfig
-from prn_ray.thresholds import held_out_counts
+from prn_ray.thresholds import held_out_counts, own_rule
 
 # (key, table header, kind) — the paper's columns
 METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -136,7 +136,7 @@ class ProductEvaluation:
             return {}
         n_normal, n_defects = held_out_counts(c)
         return {
-            "rule": c.get("threshold_rule", c.get("rule")),
+            "rule": own_rule(c),
             "held_out_false_alarm_rate": json_float(c.get("val_fpr")),
             "held_out_normals": n_normal,
             "held_out_recall": json_float(c.get("val_tpr")),

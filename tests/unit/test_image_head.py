@@ -131,8 +131,8 @@ def test_head_calibration_thresholds_the_cross_fitted_scores():
     cfg = Config()
     cfg.data.tiles.mode = "off"
     cfg.model.score_topk = 20
-    _, map_scores, labels, _ = validation_metrics(torch.from_numpy(logits), val, cfg)
-    doc = head_calibration(torch.from_numpy(logits), val, cfg, map_scores)
+    _, map_scores, labels, groups_ = validation_metrics(torch.from_numpy(logits), val, cfg)
+    doc = head_calibration(torch.from_numpy(logits), val, cfg, map_scores, labels, groups_)
     head = ImageHead.from_doc(doc["image_head"])
     assert head.statistics == image_head.WHOLE_IMAGE
     normals = np.array(doc["held_out_scores"]["normal"])
@@ -162,5 +162,24 @@ def test_the_rule_of_a_model_with_a_head_scores_with_the_head():
     rule = ScoreRule.of(Model())
     amap = maps[-1]
     assert rule(amap) == pytest.approx(1 / (1 + np.exp(-head.logit(x[-1]))))
-    assert rule.map_rule()(amap) == pytest.approx(np.sort(amap.ravel())[::-1][:10].mean(),
+    assert ScoreRule("topk_mean", 10, 3)(amap) == pytest.approx(np.sort(amap.ravel())[::-1][:10].mean(),
                                                   abs=1e-6)
+
+
+def test_too_few_validation_images_fall_back_to_the_map_rule():
+    """One held-out normal cannot be cross-fitted: the version is calibrated on the map rule's
+    scores and says why, instead of failing the product."""
+    s = 16
+    groups = np.r_[GROUP_NORMAL, np.full(3, GROUP_SYNTHETIC)]
+    masks = np.zeros((4, s, s), np.uint8)
+    masks[1:, 4:8, 4:8] = 1
+    logits = np.full((4, s, s), -4.0, np.float32)
+    logits[1:, 4:8, 4:8] = 3.0
+    val = ValidationSet([torch.zeros(4, 1, 1, 1)] * 4, torch.from_numpy(masks),
+                        torch.from_numpy(groups))
+    cfg = Config()
+    cfg.data.tiles.mode = "off"
+    _, scores, labels, groups_ = validation_metrics(torch.from_numpy(logits), val, cfg)
+    doc = head_calibration(torch.from_numpy(logits), val, cfg, scores, labels, groups_)
+    assert "image_head" not in doc and "at least 2 normal" in doc["image_head_skipped"]
+    assert doc["held_out_scores"]["normal"] == [round(float(scores[0]), 7)]
