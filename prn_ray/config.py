@@ -422,6 +422,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         _, val_tp = get_args(tp) or (Any, Any)
         return {str(k): _coerce(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
+    """A YAML / ``--set`` scalar as the field's type (``Any``, bool, int, float, str)."""
     if tp is Any:
         return value
     if tp is bool:

@@ -22,6 +22,17 @@ from typing import Any
 LABELS = ("normal", "anomaly")
 SPLITS = ("train", "val", "test", "seen")
 CATALOG_COLUMNS = ("product", "image_uri", "label", "defect_type", "mask_uri", "split")
+
+
+def sample_row(product: str, image_uri: str, defect: str | None, split: str,
+               **extra: Any) -> dict[str, Any]:
+    """One row of the sample table: ``defect`` is the defect type, None for a normal image
+    (its ``defect_type`` is ``good``, as MVTec names the class)."""
+    return {"product": product, "image_uri": image_uri,
+            "label": "normal" if defect is None else "anomaly",
+            "defect_type": "good" if defect is None else defect, "split": split, **extra}
+
+
 # Product names become path parts (<models_uri>/<product>/…, product=<product>/ partitions):
 # letters, digits, '.', '_', '-', starting with a letter or digit, at most 128 characters.
 PRODUCT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -281,6 +281,62 @@ def render(
     return out, mask
 
 
+def _check_dataset_args(
+    products: Sequence[str], defects: Sequence[str], image_size: int, n_defect_test: int
+) -> None:
+    unknown = [p for p in products if p not in _PRODUCT_FNS]
+    if unknown:
+        raise ValueError(f"unknown demo product(s) {unknown}; available: {list(_PRODUCT_FNS)}")
+    bad = [d for d in defects if d not in _DEFECT_FNS]
+    if bad:
+        raise ValueError(f"unknown defect type(s) {bad}; available: {list(_DEFECT_FNS)}")
+    if image_size < 16:
+        raise ValueError("image_size must be at least 16")
+    if n_defect_test > 0 and not defects:
+        raise ValueError("n_defect_test > 0 needs at least one defect type")
+
+
+def _product_jobs(
+    root_uri: str,
+    product: str,
+    n_train: int,
+    n_good_test: int,
+    n_defect_test: int,
+    defects: Sequence[str],
+) -> tuple[list[tuple], dict[str, int]]:
+    """One product's render jobs ``(product, role, index, defect, uri)`` and its defect counts."""
+    base = storage.join(root_uri, product)
+    jobs: list[tuple] = []
+    for i in range(n_train):
+        jobs.append((product, 0, i, None, storage.join(base, "train/good", f"{i:03d}.png")))
+    for i in range(n_good_test):
+        jobs.append((product, 1, i, None, storage.join(base, "test/good", f"{i:03d}.png")))
+    per_defect: dict[str, int] = {d: 0 for d in defects}
+    for k in range(n_defect_test):
+        d = defects[k % len(defects)]
+        j = per_defect[d]
+        per_defect[d] += 1
+        jobs.append((product, 2 + list(_DEFECT_FNS).index(d), j, d,
+                     storage.join(base, "test", d, f"{j:03d}.png")))
+    return jobs, per_defect
+
+
+def _write_job(
+    job: tuple, root_uri: str, image_size: int, seed: int, storage_cfg: StorageConfig | None
+) -> int:
+    """Render and write one image (and its mask); returns the number of masks written."""
+    product, role, index, defect, uri = job
+    img, mask = render(product, image_size, seed, role, index, defect)
+    storage.write_bytes(uri, encode_png(img), storage_cfg)
+    if mask is not None:
+        mask_uri = storage.join(
+            root_uri, product, "ground_truth", defect, f"{index:03d}_mask.png"
+        )
+        storage.write_bytes(mask_uri, encode_png(mask * 255), storage_cfg)
+        return 1
+    return 0
+
+
 def make_dataset(
     root_uri: str,
     storage_cfg: StorageConfig | None = None,
@@ -298,16 +354,7 @@ def make_dataset(
 
     Defective test images cycle through ``defects`` (12 images, 4 defects -> 3 of each).
     """
-    unknown = [p for p in products if p not in _PRODUCT_FNS]
-    if unknown:
-        raise ValueError(f"unknown demo product(s) {unknown}; available: {list(_PRODUCT_FNS)}")
-    bad = [d for d in defects if d not in _DEFECT_FNS]
-    if bad:
-        raise ValueError(f"unknown defect type(s) {bad}; available: {list(_DEFECT_FNS)}")
-    if image_size < 16:
-        raise ValueError("image_size must be at least 16")
-    if n_defect_test > 0 and not defects:
-        raise ValueError("n_defect_test > 0 needs at least one defect type")
+    _check_dataset_args(products, defects, image_size, n_defect_test)
     t0 = time.perf_counter()
     jobs: list[tuple] = []
     summary: dict = {
@@ -318,18 +365,10 @@ def make_dataset(
         "products": {},
     }
     for product in products:
-        base = storage.join(root_uri, product)
-        for i in range(n_train):
-            jobs.append((product, 0, i, None, storage.join(base, "train/good", f"{i:03d}.png")))
-        for i in range(n_good_test):
-            jobs.append((product, 1, i, None, storage.join(base, "test/good", f"{i:03d}.png")))
-        per_defect: dict[str, int] = {d: 0 for d in defects}
-        for k in range(n_defect_test):
-            d = defects[k % len(defects)]
-            j = per_defect[d]
-            per_defect[d] += 1
-            jobs.append((product, 2 + list(_DEFECT_FNS).index(d), j, d,
-                         storage.join(base, "test", d, f"{j:03d}.png")))
+        product_jobs, per_defect = _product_jobs(
+            root_uri, product, n_train, n_good_test, n_defect_test, defects
+        )
+        jobs += product_jobs
         summary["products"][product] = {
             "train": n_train,
             "test_good": n_good_test,
@@ -337,16 +376,7 @@ def make_dataset(
         }
 
     def work(job: tuple) -> int:
-        product, role, index, defect, uri = job
-        img, mask = render(product, image_size, seed, role, index, defect)
-        storage.write_bytes(uri, encode_png(img), storage_cfg)
-        if mask is not None:
-            mask_uri = storage.join(
-                root_uri, product, "ground_truth", defect, f"{index:03d}_mask.png"
-            )
-            storage.write_bytes(mask_uri, encode_png(mask * 255), storage_cfg)
-            return 1
-        return 0
+        return _write_job(job, root_uri, image_size, seed, storage_cfg)
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         n_masks = sum(pool.map(work, jobs))

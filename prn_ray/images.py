@@ -309,6 +309,47 @@ def _decode_row(
             msg)
 
 
+_Row = tuple[np.ndarray, np.ndarray, list[int], int, int, str | None]  # see _decode_row
+
+
+def _mask_columns(batch: dict[str, np.ndarray], n: int) -> tuple[Sequence[Any], list[str]]:
+    """Each row's mask URI and mask mode (``anomaly`` | ``optional`` | ``skip``)."""
+    if "mask_uri" not in batch:
+        return [None] * n, ["skip"] * n
+    if "label" in batch:
+        modes = ["anomaly" if str(v) == "anomaly" else "skip" for v in batch["label"]]
+    else:
+        modes = ["optional"] * n
+    return batch["mask_uri"], modes
+
+
+def _view_columns(batch: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's requested view (all views by default) and its seed."""
+    views = batch["view"] if "view" in batch else np.full(n, VIEW_ALL, np.int64)
+    seeds = batch["seed"] if "seed" in batch else np.zeros(n, np.int64)
+    if "seed" not in batch and (np.asarray(views) == VIEW_RANDOM).any():
+        raise ValueError("rows that draw a random view (view = -1) need a seed column")
+    return views, seeds
+
+
+def _views_batch(
+    batch: dict[str, np.ndarray], results: list[_Row], th: int, tw: int
+) -> dict[str, np.ndarray]:
+    """The output batch: input columns repeated per view, then the decoded views."""
+    n = len(results)
+    src = np.array([i for i, r in enumerate(results) for _ in r[2]], dtype=np.int64)
+    out = {k: np.asarray(v)[src] if len(src) else np.asarray(v)[:0] for k, v in batch.items()}
+    out["image"] = (np.concatenate([r[0] for r in results]) if n
+                    else np.zeros((0, th, tw, 3), np.uint8))
+    out["mask"] = (np.concatenate([r[1] for r in results]) if n
+                   else np.zeros((0, th, tw), np.uint8))
+    out["view"] = np.array([v for r in results for v in r[2]], dtype=np.int64)
+    out["orig_height"] = np.array([r[3] for r in results for _ in r[2]], dtype=np.int32)
+    out["orig_width"] = np.array([r[4] for r in results for _ in r[2]], dtype=np.int32)
+    out["error"] = np.array([r[5] for r in results for _ in r[2]], dtype=object)
+    return out
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -341,25 +382,14 @@ def decode_batch(
     """
     data_cfg = data_cfg or DataConfig()
     geom = as_geometry(geometry if geometry is not None else data_cfg.image_size)
-    th, tw = geom.size
     if "image_uri" not in batch:
         raise ValueError(f"decode_batch needs an image_uri column; got {sorted(batch)}")
     uris = batch["image_uri"]
     n = len(uris)
-    has_mask_col = "mask_uri" in batch
-    masks = batch["mask_uri"] if has_mask_col else [None] * n
-    if not has_mask_col:
-        modes = ["skip"] * n
-    elif "label" in batch:
-        modes = ["anomaly" if str(v) == "anomaly" else "skip" for v in batch["label"]]
-    else:
-        modes = ["optional"] * n
-    views = batch["view"] if "view" in batch else np.full(n, VIEW_ALL, np.int64)
-    seeds = batch["seed"] if "seed" in batch else np.zeros(n, np.int64)
-    if "seed" not in batch and (np.asarray(views) == VIEW_RANDOM).any():
-        raise ValueError("rows that draw a random view (view = -1) need a seed column")
+    masks, modes = _mask_columns(batch, n)
+    views, seeds = _view_columns(batch, n)
 
-    def work(i: int):
+    def work(i: int) -> _Row:
         return _decode_row(uris[i], masks[i], modes[i], int(views[i]), seeds[i], storage_cfg,
                            data_cfg, geom)
 
@@ -368,18 +398,7 @@ def decode_batch(
             results = list(pool.map(work, range(n)))
     else:
         results = [work(i) for i in range(n)]
-
-    src = np.array([i for i, r in enumerate(results) for _ in r[2]], dtype=np.int64)
-    out = {k: np.asarray(v)[src] if len(src) else np.asarray(v)[:0] for k, v in batch.items()}
-    out["image"] = (np.concatenate([r[0] for r in results]) if n
-                    else np.zeros((0, th, tw, 3), np.uint8))
-    out["mask"] = (np.concatenate([r[1] for r in results]) if n
-                   else np.zeros((0, th, tw), np.uint8))
-    out["view"] = np.array([v for r in results for v in r[2]], dtype=np.int64)
-    out["orig_height"] = np.array([r[3] for r in results for _ in r[2]], dtype=np.int32)
-    out["orig_width"] = np.array([r[4] for r in results for _ in r[2]], dtype=np.int32)
-    out["error"] = np.array([r[5] for r in results for _ in r[2]], dtype=object)
-    return out
+    return _views_batch(batch, results, *geom.size)
 
 
 def error_free(errors) -> "np.ndarray":

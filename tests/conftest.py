@@ -73,16 +73,19 @@ def ray_local(s3_endpoint):
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=free_port(),
-            log_to_driver=False,
-            configure_logging=False,
-            runtime_env={"env_vars": _ray_env()},
-        )
+    if ray.is_initialized():
+        # A Ray that an earlier test's in-process job started: its workers lack the S3
+        # endpoint and credentials of this session (and the dashboard): start this one anew.
+        ray.shutdown()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": _ray_env()},
+    )
     yield ray
     ray.shutdown()
 

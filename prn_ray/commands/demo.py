@@ -42,12 +42,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     from prn_ray import demo_data, storage
     from prn_ray.console import progress
-    from prn_ray.data.catalog import build_catalog
     from prn_ray.evaluation import evaluate_models, evaluate_scores
     from prn_ray.report import markdown_table, mean_metrics
     from prn_ray.runtime import init_ray
-    from prn_ray.scoring.run import score
-    from prn_ray.scoring.table import today_utc
     from prn_ray.train.fleet import format_summary as train_summary
     from prn_ray.train.fleet import train_all
 
@@ -71,15 +68,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return Exit.FAILED
 
     progress("demo", "3/4 nightly scoring of the test images")
-    catalog = build_catalog(cfg).df
-    test = catalog[catalog["split"] == "test"][["product", "image_uri"]]
-    warehouse = storage.join(cfg.storage.runs_uri, "warehouse.csv")  # the "new images"
-    storage.write_text(warehouse, test.to_csv(index=False), cfg.storage)
-    summary = score(cfg, warehouse, date=today_utc(), products=args.products)
-    # One line of the run's table (jobs/score.py prints it whole; the JSON has everything).
-    progress("demo", f"scoring run {summary.run_id}: {summary.status}, {summary.scored} of "
-                     f"{summary.images} image(s) scored, {summary.anomalies} flagged anomalous, "
-                     f"{summary.errors} error(s); summary {summary.summary_uri}")
+    summary = _score_test_images(cfg, args.products)
 
     progress("demo", "4/4 evaluation and report")
     evaluations, out = evaluate_models(cfg, args.products)
@@ -92,3 +81,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     progress("demo", f"nightly scores vs ground truth (image AUROC {auroc:.3f}, mean of {n} "
                      f"product(s)): {storage.redact(scores_out)}/report.html")
     return Exit.DONE
+
+
+def _score_test_images(cfg, products: list[str] | None):
+    """The demo's "new images" (its test split) scored as a nightly run of today."""
+    from prn_ray import storage
+    from prn_ray.console import progress
+    from prn_ray.data.catalog import build_catalog
+    from prn_ray.scoring.run import score
+    from prn_ray.scoring.table import today_utc
+
+    catalog = build_catalog(cfg).df
+    test = catalog[catalog["split"] == "test"][["product", "image_uri"]]
+    warehouse = storage.join(cfg.storage.runs_uri, "warehouse.csv")
+    storage.write_text(warehouse, test.to_csv(index=False), cfg.storage)
+    summary = score(cfg, warehouse, date=today_utc(), products=products)
+    # One line of the run's table (jobs/score.py prints it whole; the JSON has everything).
+    progress("demo", f"scoring run {summary.run_id}: {summary.status}, {summary.scored} of "
+                     f"{summary.images} image(s) scored, {summary.anomalies} flagged anomalous, "
+                     f"{summary.errors} error(s); summary {summary.summary_uri}")
+    return summary

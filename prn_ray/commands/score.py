@@ -33,21 +33,7 @@ from prn_ray.errors import UsageError
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    p = job_parser(__doc__, prog, dry_run=True)
-    p.add_argument("--input", required=True,
-                   help="prefix of new images (<input>/<product>/...) or a .parquet/.csv "
-                        "manifest with columns product, image_uri")
-    p.add_argument("--date", default=None,
-                   help="partition date YYYY-MM-DD (default: today, UTC)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="decision threshold for every product (default: each model's "
-                        "calibrated threshold; same as --set score.threshold=X)")
-    p.add_argument("--model-version", default=None,
-                   help="pin a model version instead of LATEST: 'v...' for every product or "
-                        "'product=v...,other=v...' (same as --set score.model_version=...)")
-    p.add_argument("--incremental", action="store_true",
-                   help="skip images already scored without error by the same model version")
-    p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)  # tests, re-runs by hand
+    p = _parser(prog)
     args = p.parse_args(argv)
 
     from prn_ray.scoring.table import check_date, today_utc
@@ -71,16 +57,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     check_runtime(cfg)
     check_input(args.input, cfg)
     if args.dry_run:
-        from prn_ray.plans import score_plan
-        from prn_ray.scoring.inputs import list_inputs
-        from prn_ray.scoring.models import resolve_models
-
-        frame = list_inputs(args.input, cfg.storage, args.products or cfg.data.products)
-        models = resolve_models(cfg, sorted(frame["product"].unique()))
-        versions = {p: m.version for p, m in models.items()}
-        inputs = {p: m.geometry.describe() for p, m in models.items() if m.geometry}
-        print(score_plan(cfg, frame, args.input, date, versions, inputs), flush=True)
-        return Exit.DONE
+        return _dry_run(cfg, args.input, args.products, date)
 
     from prn_ray.runtime import init_ray
     from prn_ray.scoring.lease import LeaseBusy
@@ -94,6 +71,39 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return Exit.BUSY
     print(format_summary(summary), flush=True)
     return Exit.PARTIAL if summary.status == "partial" else Exit.DONE
+
+
+def _parser(prog: str | None) -> argparse.ArgumentParser:
+    p = job_parser(__doc__, prog, dry_run=True)
+    p.add_argument("--input", required=True,
+                   help="prefix of new images (<input>/<product>/...) or a .parquet/.csv "
+                        "manifest with columns product, image_uri")
+    p.add_argument("--date", default=None,
+                   help="partition date YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decision threshold for every product (default: each model's "
+                        "calibrated threshold; same as --set score.threshold=X)")
+    p.add_argument("--model-version", default=None,
+                   help="pin a model version instead of LATEST: 'v...' for every product or "
+                        "'product=v...,other=v...' (same as --set score.model_version=...)")
+    p.add_argument("--incremental", action="store_true",
+                   help="skip images already scored without error by the same model version")
+    p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)  # tests, re-runs by hand
+    return p
+
+
+def _dry_run(cfg: Config, input_uri: str, products: list[str] | None, date: str) -> int:
+    """The plan: images per product, the model version each would be scored with."""
+    from prn_ray.plans import score_plan
+    from prn_ray.scoring.inputs import list_inputs
+    from prn_ray.scoring.models import resolve_models
+
+    frame = list_inputs(input_uri, cfg.storage, products or cfg.data.products)
+    models = resolve_models(cfg, sorted(frame["product"].unique()))
+    versions = {p: m.version for p, m in models.items()}
+    inputs = {p: m.geometry.describe() for p, m in models.items() if m.geometry}
+    print(score_plan(cfg, frame, input_uri, date, versions, inputs), flush=True)
+    return Exit.DONE
 
 
 def check_input(input_uri: str, cfg: Config) -> None:

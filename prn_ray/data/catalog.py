@@ -43,7 +43,7 @@ import pandas as pd
 
 from prn_ray import storage
 from prn_ray.config import Config, DataConfig, StorageConfig
-from prn_ray.contracts import IMAGE_EXTENSIONS, SPLITS, product_name_problem
+from prn_ray.contracts import IMAGE_EXTENSIONS, SPLITS, product_name_problem, sample_row
 from prn_ray.data.manifest import COLUMNS, CatalogError, read_manifest
 from prn_ray.data.paths import base_uri, listed, rel_parts, relative_keys, sorted_by_key
 
@@ -86,17 +86,8 @@ def scan_mvtec(root: str, storage_cfg: StorageConfig | None = None) -> pd.DataFr
             continue
         if section not in ("train", "test"):
             continue
-        normal = sub == "good"
-        images.append(
-            {
-                "product": product,
-                "image_uri": uri,
-                "label": "normal" if normal else "anomaly",
-                "defect_type": "good" if normal else sub,
-                "split": section,
-                "_stem": stem,
-            }
-        )
+        images.append(sample_row(product, uri, None if sub == "good" else sub, section,
+                                 _stem=stem))
     if not images:
         raise CatalogError(
             f"no images in MVTec layout under {storage.redact(root)} "
@@ -261,33 +252,72 @@ def describe_seen(masked: int, unmasked: int) -> str:
             "labels only)")
 
 
-def build_catalog(cfg: Config, *, check_masks: bool = False) -> Catalog:
-    """Catalog ``cfg.data.root`` (MVTec tree) or ``cfg.data.manifest``, restricted to
-    ``cfg.data.products``, with the seen/validation split applied. See the module doc for what
-    is reported and when :class:`CatalogError` is raised."""
-    data, scfg = cfg.data, cfg.storage
+def _load_samples(data: DataConfig, scfg: StorageConfig) -> tuple[pd.DataFrame, str]:
+    """The sample table of ``data.manifest`` or ``data.root`` (exactly one is set) and its
+    source."""
     if data.root and data.manifest:
         raise CatalogError(
             "both data.root and data.manifest are set; use one (e.g. --set data.root= )"
         )
     if data.manifest:
-        df, source = read_manifest(data.manifest, scfg), data.manifest
-    elif data.root:
-        df, source = scan_mvtec(data.root, scfg), data.root
-    else:
-        raise CatalogError("no data: set data.root (MVTec-style tree) or data.manifest")
-    problems: list[str] = []
+        return read_manifest(data.manifest, scfg), data.manifest
+    if data.root:
+        return scan_mvtec(data.root, scfg), data.root
+    raise CatalogError("no data: set data.root (MVTec-style tree) or data.manifest")
+
+
+def _select_products(df: pd.DataFrame, products: list[str] | None, problems: list[str]
+                     ) -> pd.DataFrame:
+    """The rows of ``products`` (all when empty); a missing one is added to ``problems``."""
     found = sorted(df["product"].unique())
-    if data.products:
-        missing = [p for p in data.products if p not in found]
+    if products:
+        missing = [p for p in products if p not in found]
         if missing:
             problems.append(f"product(s) {missing} not found; available: {found}")
-        df = df[df["product"].isin(data.products)]
+        df = df[df["product"].isin(products)]
         if df.empty:
-            raise CatalogError(f"none of data.products {data.products} found; available: {found}")
-    df, split_problems = _assign_splits(df, data)
-    problems.extend(split_problems)
+            raise CatalogError(f"none of data.products {products} found; available: {found}")
+    return df
 
+
+def _anomaly_problems(product: str, anomalies: pd.DataFrame,
+                      scfg: StorageConfig) -> list[str]:
+    """What a kept product's anomalies lack: test anomalies, masks, non-empty mask files."""
+    problems: list[str] = []
+    if anomalies.empty:
+        problems.append(
+            f"{product}: no anomalous images; it trains on synthetic anomalies only and "
+            "cannot be evaluated on real defects"
+        )
+    elif not (anomalies["split"] == "test").any():
+        problems.append(f"{product}: no test anomalies left for evaluation")
+    trained = anomalies[anomalies["split"].isin(["seen", "val"])]
+    unmasked = int((trained["mask_uri"] == "").sum())
+    if unmasked:
+        problems.append(
+            f"{product}: {unmasked} of {len(trained)} seen anomalies have no mask: they "
+            "train from their image label only"
+        )
+    untested = anomalies[(anomalies["split"] == "test") & (anomalies["mask_uri"] == "")]
+    if len(untested):
+        problems.append(
+            f"{product}: {len(untested)} test anomalies have no mask: they count in the "
+            "image metrics only"
+        )
+    empty = _empty_masks(trained[trained["mask_uri"] != ""]["mask_uri"].tolist(), scfg)
+    if empty:
+        problems.append(
+            f"{product}: {len(empty)} seen anomaly mask file(s) are empty (0 bytes): "
+            f"neither a mask nor an image label, those images are quarantined: "
+            f"{listed(empty)}"
+        )
+    return problems
+
+
+def _trainable_products(df: pd.DataFrame, scfg: StorageConfig,
+                        problems: list[str]) -> list[str]:
+    """The products with a valid name and normal training images; the rest, and what the kept
+    ones lack, are added to ``problems``."""
     keep: list[str] = []
     for product, group in df.groupby("product", sort=True):
         bad_name = product_name_problem(product)
@@ -300,33 +330,30 @@ def build_catalog(cfg: Config, *, check_masks: bool = False) -> Catalog:
             problems.append(f"{product}: no normal training images; product skipped")
             continue
         keep.append(product)
-        if anomalies.empty:
-            problems.append(
-                f"{product}: no anomalous images; it trains on synthetic anomalies only and "
-                "cannot be evaluated on real defects"
-            )
-        elif not (anomalies["split"] == "test").any():
-            problems.append(f"{product}: no test anomalies left for evaluation")
-        trained = anomalies[anomalies["split"].isin(["seen", "val"])]
-        unmasked = int((trained["mask_uri"] == "").sum())
-        if unmasked:
-            problems.append(
-                f"{product}: {unmasked} of {len(trained)} seen anomalies have no mask: they "
-                "train from their image label only"
-            )
-        untested = anomalies[(anomalies["split"] == "test") & (anomalies["mask_uri"] == "")]
-        if len(untested):
-            problems.append(
-                f"{product}: {len(untested)} test anomalies have no mask: they count in the "
-                "image metrics only"
-            )
-        empty = _empty_masks(trained[trained["mask_uri"] != ""]["mask_uri"].tolist(), scfg)
-        if empty:
-            problems.append(
-                f"{product}: {len(empty)} seen anomaly mask file(s) are empty (0 bytes): "
-                f"neither a mask nor an image label, those images are quarantined: "
-                f"{listed(empty)}"
-            )
+        problems.extend(_anomaly_problems(product, anomalies, scfg))
+    return keep
+
+
+def _log_problems(source: str, problems: list[str]) -> None:
+    for p in problems:
+        # Jobs build the catalog more than once (train, then score and evaluate, in the demo);
+        # the same problem is said once per process.
+        if (source, p) not in _LOGGED:
+            _LOGGED.add((source, p))
+            log.warning("catalog: %s", p)
+
+
+def build_catalog(cfg: Config, *, check_masks: bool = False) -> Catalog:
+    """Catalog ``cfg.data.root`` (MVTec tree) or ``cfg.data.manifest``, restricted to
+    ``cfg.data.products``, with the seen/validation split applied. See the module doc for what
+    is reported and when :class:`CatalogError` is raised."""
+    data, scfg = cfg.data, cfg.storage
+    df, source = _load_samples(data, scfg)
+    problems: list[str] = []
+    df = _select_products(df, data.products, problems)
+    df, split_problems = _assign_splits(df, data)
+    problems.extend(split_problems)
+    keep = _trainable_products(df, scfg, problems)
     df = df[df["product"].isin(keep)].reset_index(drop=True)
     if check_masks and not df.empty:
         bad = _check_mask_sizes(df, scfg)
@@ -336,12 +363,7 @@ def build_catalog(cfg: Config, *, check_masks: bool = False) -> Catalog:
         raise CatalogError(
             f"nothing trainable in {storage.redact(source)}:\n  " + "\n  ".join(problems)
         )
-    for p in problems:
-        # Jobs build the catalog more than once (train, then score and evaluate, in the demo);
-        # the same problem is said once per process.
-        if (source, p) not in _LOGGED:
-            _LOGGED.add((source, p))
-            log.warning("catalog: %s", p)
+    _log_problems(source, problems)
     return Catalog(df=df, products=keep, problems=problems, source=source)
 
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from prn_ray import storage
 from prn_ray.config import StorageConfig
-from prn_ray.contracts import CATALOG_COLUMNS, LABELS, SPLITS
+from prn_ray.contracts import CATALOG_COLUMNS, LABELS, SPLITS, sample_row
 from prn_ray.data.paths import MAX_LISTED, base_uri, rel_parts, relative_keys, sorted_by_key
 from prn_ray.errors import CatalogError
 
@@ -195,6 +195,94 @@ def _exts(values: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(v.lower() if v.startswith(".") else "." + v.lower() for v in values)
 
 
+def _paired_options(
+    image_ext: str | Sequence[str], mask_ext: str, mask_suffix: str,
+    normal_dirs: str | Sequence[str], test_normal_fraction: float,
+) -> tuple[tuple[str, ...], str, set[str]]:
+    """Checked options of :func:`paired_mask_manifest`: image extensions, mask extension and
+    normal class folders."""
+    image_exts = _exts(image_ext)
+    mask_ext = _exts(mask_ext)[0]
+    if mask_ext in image_exts and not mask_suffix:
+        raise ValueError(
+            f"images and masks both end with {mask_ext}: give a mask_suffix (e.g. '_mask')"
+        )
+    normals = {normal_dirs} if isinstance(normal_dirs, str) else set(normal_dirs)
+    if not normals:
+        raise ValueError("normal_dirs must name at least one class folder of normal images")
+    if not 0.0 <= test_normal_fraction < 1.0:
+        raise ValueError("test_normal_fraction must be in [0, 1)")
+    return image_exts, mask_ext, normals
+
+
+def _paired_files(
+    files: Iterable[str], base: str, sub_parts: list[str], image_exts: tuple[str, ...],
+    mask_ext: str, mask_suffix: str,
+) -> tuple[list[tuple[str, str, str, str]], dict[tuple[str, str], str], set[str]]:
+    """The listing sorted into images ``(class, dir, stem, uri)``, masks by ``(dir, stem)`` and
+    the class folders holding images."""
+    images: list[tuple[str, str, str, str]] = []  # (class, dir, stem, uri)
+    masks: dict[tuple[str, str], str] = {}
+    classes: set[str] = set()
+    for uri in files:
+        parts = rel_parts(uri, base)
+        if parts is None or len(parts) < 2:
+            continue
+        cls, name = parts[0], parts[-1]
+        if sub_parts and parts[1:-1] != sub_parts:
+            continue
+        if name.startswith("."):
+            continue
+        stem, ext = posixpath.splitext(name)
+        ext = ext.lower()
+        directory = posixpath.dirname(uri)
+        if ext == mask_ext and (not mask_suffix or stem.endswith(mask_suffix)):
+            key_stem = stem[: -len(mask_suffix)] if mask_suffix else stem
+            masks[(directory, key_stem)] = uri
+            continue
+        if ext in image_exts:
+            images.append((cls, directory, stem, uri))
+            classes.add(cls)
+    return images, masks, classes
+
+
+def _paired_table(
+    images: list[tuple[str, str, str, str]], masks: dict[tuple[str, str], str],
+    normals: set[str], product: str,
+) -> tuple[pd.DataFrame, set[str]]:
+    """The images as a sample table sorted by URI, all in ``test``, and the masks used."""
+    rows = []
+    used: set[str] = set()
+    for cls, directory, stem, uri in images:
+        mask = masks.get((directory, stem), "")
+        if mask:
+            used.add(mask)
+        rows.append(sample_row(product, uri, None if cls in normals else cls, "test",
+                               mask_uri=mask))
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    return df.sort_values("image_uri", kind="stable").reset_index(drop=True), used
+
+
+def _split_paired_normals(df: pd.DataFrame, test_normal_fraction: float, split_seed: int,
+                          test_normal_order: str) -> None:
+    """Send ``test_normal_fraction`` of the normals to ``test`` and the rest to ``train``
+    (in place)."""
+    normal_idx = df.index[df["label"] == "normal"]
+    keys = dict(zip(df.index, relative_keys(df["image_uri"]), strict=True))
+    ordered = sorted_by_key(df, normal_idx, keys)
+    n = len(ordered)
+    n_test = int(round(test_normal_fraction * n))
+    if test_normal_order == "last":
+        perm = np.arange(n)[::-1]
+    elif test_normal_order == "random":
+        perm = np.random.RandomState(split_seed).permutation(n)
+    else:
+        raise ValueError(f"test_normal_order must be 'random' or 'last', got {test_normal_order!r}")
+    test_set = {ordered[j] for j in perm[:n_test]}
+    for i in ordered:
+        df.at[i, "split"] = "test" if i in test_set else "train"
+
+
 def paired_mask_manifest(
     root_uri: str,
     storage_cfg: StorageConfig | None = None,
@@ -224,84 +312,25 @@ def paired_mask_manifest(
     Example (Magnetic-Tile-Defect): ``root=.../magnetic_tile``, ``normal_dirs=["MT_Free"]``,
     ``image_ext=".jpg"``, ``mask_ext=".png"``.
     """
-    image_exts = _exts(image_ext)
-    mask_ext = _exts(mask_ext)[0]
-    if mask_ext in image_exts and not mask_suffix:
-        raise ValueError(
-            f"images and masks both end with {mask_ext}: give a mask_suffix (e.g. '_mask')"
-        )
-    normals = {normal_dirs} if isinstance(normal_dirs, str) else set(normal_dirs)
-    if not normals:
-        raise ValueError("normal_dirs must name at least one class folder of normal images")
-    if not 0.0 <= test_normal_fraction < 1.0:
-        raise ValueError("test_normal_fraction must be in [0, 1)")
+    image_exts, mask_ext, normals = _paired_options(
+        image_ext, mask_ext, mask_suffix, normal_dirs, test_normal_fraction
+    )
     sub_parts = [p for p in (subdir or "").split("/") if p]
     base = base_uri(root_uri, storage_cfg)
     files = storage.list_files(root_uri, storage_cfg)
     if not files:
         raise CatalogError(f"no files under {storage.redact(root_uri)}")
-
-    images: list[tuple[str, str, str, str]] = []  # (class, dir, stem, uri)
-    masks: dict[tuple[str, str], str] = {}
-    classes: set[str] = set()
-    for uri in files:
-        parts = rel_parts(uri, base)
-        if parts is None or len(parts) < 2:
-            continue
-        cls, name = parts[0], parts[-1]
-        if sub_parts and parts[1:-1] != sub_parts:
-            continue
-        if name.startswith("."):
-            continue
-        stem, ext = posixpath.splitext(name)
-        ext = ext.lower()
-        directory = posixpath.dirname(uri)
-        if ext == mask_ext and (not mask_suffix or stem.endswith(mask_suffix)):
-            key_stem = stem[: -len(mask_suffix)] if mask_suffix else stem
-            masks[(directory, key_stem)] = uri
-            continue
-        if ext in image_exts:
-            images.append((cls, directory, stem, uri))
-            classes.add(cls)
+    images, masks, classes = _paired_files(
+        files, base, sub_parts, image_exts, mask_ext, mask_suffix
+    )
     missing_normals = sorted(normals - classes)
     if missing_normals:
         raise CatalogError(
             f"normal class folder(s) {missing_normals} not found under "
             f"{storage.redact(root_uri)}; class folders with images: {sorted(classes)}"
         )
-    rows = []
-    used: set[str] = set()
-    for cls, directory, stem, uri in images:
-        mask = masks.get((directory, stem), "")
-        if mask:
-            used.add(mask)
-        normal = cls in normals
-        rows.append(
-            {
-                "product": product,
-                "image_uri": uri,
-                "label": "normal" if normal else "anomaly",
-                "defect_type": "good" if normal else cls,
-                "mask_uri": mask,
-                "split": "test",
-            }
-        )
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    df = df.sort_values("image_uri", kind="stable").reset_index(drop=True)
-    normal_idx = df.index[df["label"] == "normal"]
-    keys = dict(zip(df.index, relative_keys(df["image_uri"]), strict=True))
-    ordered = sorted_by_key(df, normal_idx, keys)
-    n = len(ordered)
-    n_test = int(round(test_normal_fraction * n))
-    if test_normal_order == "last":
-        perm = np.arange(n)[::-1]
-    elif test_normal_order == "random":
-        perm = np.random.RandomState(split_seed).permutation(n)
-    else:
-        raise ValueError(f"test_normal_order must be 'random' or 'last', got {test_normal_order!r}")
-    test_set = {ordered[j] for j in perm[:n_test]}
-    for i in ordered:
-        df.at[i, "split"] = "test" if i in test_set else "train"
+    df, used = _paired_table(images, masks, normals, product)
+    _split_paired_normals(df, test_normal_fraction, split_seed, test_normal_order)
     df.attrs["root"] = base
     df.attrs["unpaired_masks"] = sorted(set(masks.values()) - used)
     return df

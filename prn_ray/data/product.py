@@ -15,7 +15,7 @@ import pandas as pd
 
 from prn_ray import geometry as geom
 from prn_ray.config import Config
-from prn_ray.synthesis import epoch_plan
+from prn_ray.data.epoch_plan import epoch_plan
 
 SIZE_SAMPLE = 16  # normal images whose headers decide tiles: auto for a product
 # Held-out images whose views are kept with a registered model for the graph runtimes' parity

@@ -7,7 +7,7 @@ process (:mod:`prn_ray.data.local`):
 * **prototypes / reference**: train normals -> decode -> backbone features;
 * **validation**: held-out normals + held-out real anomalies + fixed synthetic anomalies
   -> decode -> synthesis -> features (computed once per run);
-* **training**: an epoch plan (:func:`prn_ray.synthesis.epoch_plan`) -> decode -> synthesis
+* **training**: an epoch plan (:func:`prn_ray.data.epoch_plan.epoch_plan`) -> decode -> synthesis
   (fresh draws each epoch, seeded by (seed, epoch, row)) -> features, for the synthetic rows
   only: the rows every epoch repeats come from :mod:`prn_ray.data.feature_cache`.
 
@@ -34,10 +34,11 @@ from prn_ray.contracts import (
     GROUP_SYNTHETIC,
     image_labelled,
 )
+from prn_ray.data.epoch_plan import epoch_plan, row_seed
 from prn_ray.data.product import ProductData
 from prn_ray.geometry import VIEW_ALL, VIEW_RANDOM, Geometry, view_seed
 from prn_ray.model.inputs import images_to_tensor, inference_device, prepare
-from prn_ray.synthesis import Synthesizer, epoch_plan, load_texture_bank, row_seed
+from prn_ray.synthesis import Synthesizer, load_texture_bank
 
 VAL_EPOCH = 2**31 - 1  # seed namespace of the fixed validation anomalies (no training epoch)
 

@@ -4,6 +4,8 @@ and quick experiments; production training is :func:`prn_ray.train.fleet.train_a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pandas as pd
 import torch
 
@@ -19,10 +21,13 @@ from prn_ray.model import Backbone, PRNHead
 
 
 def train_local(cfg: Config, catalog: pd.DataFrame, product: str,
-                others: dict[str, list[str]] | None = None, say=lambda msg: None
+                others: dict[str, list[str]] | None = None, say=lambda msg: None,
+                report: Callable[[HeadTrainer, dict], None] | None = None
                 ) -> tuple[HeadTrainer, Backbone]:
     """Train ``product`` of ``catalog`` (its test rows are never read). Returns the trainer
-    (its state, best weights, validation set) and the backbone it used."""
+    (its state, best weights, validation set) and the backbone it used. ``report(trainer,
+    record)`` is called at every epoch end that validated (the Ray worker's report), with the
+    head as that epoch left it."""
     torch.manual_seed(cfg.train.seed)
     data = ProductData.from_catalog(catalog, product)
     cfg, geometry = product_geometry(cfg, data.train_normals)
@@ -48,5 +53,6 @@ def train_local(cfg: Config, catalog: pd.DataFrame, product: str,
             frame = streamed_rows(plan_frame(data, cfg, range(epoch, epoch + 1)), geometry.tiled)
             yield from streamed_batches(frame, banks, cfg, geometry, backbone, tc.batch_size)
 
-    trainer.fit(merge_batches(plans, cache, stream(), tc.batch_size), report=lambda row: None)
+    trainer.fit(merge_batches(plans, cache, stream(), tc.batch_size),
+                report=(lambda row: None) if report is None else (lambda row: report(trainer, row)))
     return trainer, backbone

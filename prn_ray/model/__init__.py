@@ -1,15 +1,8 @@
 """PRN model: frozen backbone, prototypes, head (MF, MSA, decoder), loss. No Ray imports."""
 
+from prn_ray.errors import WeightsError
 from prn_ray.model.attention import MultiSizeAttention
-from prn_ray.model.backbone import (
-    FEATURE_STRIDES,
-    LITE0_PYPI,
-    Backbone,
-    WeightsError,
-    load_features_state_dict,
-    map_lukemelas_to_timm,
-    read_state_dict,
-)
+from prn_ray.model.backbone import FEATURE_STRIDES, Backbone
 from prn_ray.model.decoder import Decoder
 from prn_ray.model.fusion import MultiScaleFusion
 from prn_ray.model.loss import LossOutput, PRNLoss, focal_loss_with_logits
@@ -20,6 +13,12 @@ from prn_ray.model.prototypes import (
     nearest_prototype,
     num_prototypes,
     prototype_residual,
+)
+from prn_ray.model.weights import (
+    LITE0_PYPI,
+    load_features_state_dict,
+    map_lukemelas_to_timm,
+    read_state_dict,
 )
 
 __all__ = [

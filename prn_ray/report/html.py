@@ -33,7 +33,7 @@ import html
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -260,6 +260,106 @@ def _figure_names(evaluations: Sequence[ProductEvaluation]) -> list[str]:
     return out
 
 
+def _report_examples(e: ProductEvaluation, max_examples: int) -> list[ExampleImage]:
+    """The product's examples, cut down to ``max_examples`` covering the four outcomes."""
+    examples = list(e.examples)
+    if len(examples) > max_examples:
+        keep = select_examples([x.score for x in examples], [x.label for x in examples],
+                               max_examples)
+        examples = [examples[j] for j in keep]
+    return examples
+
+
+def _product_facts(e: ProductEvaluation, d: Mapping[str, Any]) -> str:
+    """The fact chips of a product section: test set, model, threshold outcome, run info."""
+    facts = [("test images", f"{d['n_images']} ({d['n_normal']} normal, "
+                             f"{d['n_anomalous']} anomalous)")]
+    if e.model_version:
+        facts.append(("model", e.model_version))
+    if e.image_size is not None:
+        facts.append(("image size", size_text(e.image_size)))
+    if e.threshold is not None:
+        facts.append(("threshold", fmt_score(e.threshold)))
+        facts.append(("false alarms", f"{d['fp']}/{d['n_normal']}"))
+        facts.append(("misses", f"{d['fn']}/{d['n_anomalous']}"))
+    facts += [(k, storage.redact(_meta_value(v))) for k, v in _flatten(e.info)]
+    return "".join(f'<span class="fact">{_e(k)}: <b>{_e(v)}</b></span>' for k, v in facts)
+
+
+def _product_section(
+    i: int,
+    e: ProductEvaluation,
+    stem: str,
+    save: Callable[[str, bytes], None],
+    cbar: str,
+    max_examples: int,
+    thumb_px: int,
+    cmap: str,
+    alpha: float,
+) -> str:
+    """One product's section; saves its curves, histogram and example-grid figures."""
+    curves, hist = curves_png(e), histogram_png(e)
+    save(f"{stem}_curves.png", curves)
+    save(f"{stem}_histogram.png", hist)
+    examples = _report_examples(e, max_examples)
+    cards, grid = _example_cards(e, examples, thumb_px, cmap, alpha)
+    if grid is not None:
+        save(f"{stem}_examples.png", grid)
+    d = e.decisions()
+    metric_facts = "".join(
+        f'<span class="fact">{_e(h)}: <b>{format_metric(k, e.metric(k))}</b></span>'
+        for k, h, _ in METRIC_COLUMNS
+    )
+    fpfn = ("" if e.threshold is None else
+            f" At the threshold {_e(fmt_score(e.threshold))}: {d['fp']} false alarm(s) "
+            f"among {d['n_normal']} normal and {d['fn']} miss(es) among "
+            f"{d['n_anomalous']} anomalous test images.")
+    return (
+        f'<section id="{_anchor(i, e.product)}"><h2>{_e(e.product)}</h2>'
+        f'<div class="facts">{_product_facts(e, d)}</div>'
+        f'<div class="facts">{metric_facts}</div>'
+        f'<div class="pair">{_img_tag(curves, f"{e.product} pixel ROC and PRO curves")}'
+        f'{_img_tag(hist, f"{e.product} image score histogram")}</div>'
+        f'<p class="muted">Pixel ROC: all test pixels pooled. PRO: mean per-region overlap '
+        f"up to a pixel FPR of 0.3; AUPRO is the shaded area divided by 0.3. Histogram: "
+        f"image scores of the normal vs the anomalous test images.{fpfn}</p>"
+        f"<h3>Per defect type</h3>{_defect_table(e)}"
+        f'<h3>Examples</h3><p class="cbar">anomaly map 0 '
+        f"{cbar} 1 "
+        f"(fixed scale, not normalised per image; red contour = ground truth)</p>"
+        f"{cards}</section>"
+    )
+
+
+def _header(title: str, generated: str, n_products: int, meta_items: list[tuple[str, str]]) -> str:
+    meta_html = "".join(f"<span><b>{_e(k)}</b> {_e(v)}</span>" for k, v in meta_items)
+    return (
+        f"<header><h1>{_e(title)}</h1><div class=\"date\">generated {generated} · "
+        f"{n_products} product(s)</div><div class=\"meta\">{meta_html}</div></header>"
+    )
+
+
+def _weights_warning(meta_items: list[tuple[str, str]]) -> str:
+    """A banner when the run used random backbone weights (its numbers mean nothing)."""
+    weights = {v.strip().lower() for k, v in meta_items if k.split(".")[-1] == "weights"}
+    if "none" not in weights:
+        return ""
+    return ('<div class="warn"><b>Random backbone weights</b> (weights = none): this run '
+            "is a smoke test; its numbers say nothing about detection quality.</div>")
+
+
+def _results_section(evaluations: Sequence[ProductEvaluation], summary: bytes) -> str:
+    return (
+        f"<section><h2>Results</h2>{_results_table(evaluations)}"
+        '<p class="muted">Percentages with one decimal. Image AUROC: image scores vs labels. '
+        "Pixel AUROC and pixel AP: all test pixels pooled. AUPRO@0.3: normalised area under "
+        "the per-region-overlap curve up to a pixel false-positive rate of 0.3 (MVTec AD "
+        "definition). ms/image: inference time per image. Mean: plain mean over the products "
+        "(* = over the products where the metric is defined).</p>"
+        f'<div class="figs">{_img_tag(summary, "metrics per product")}</div></section>'
+    )
+
+
 def write_report(
     evaluations: Sequence[ProductEvaluation],
     out_uri: str,
@@ -290,77 +390,18 @@ def write_report(
         storage.write_bytes(storage.join(fig_dir, name), png, storage_cfg)
 
     meta_items = [(k, storage.redact(_meta_value(v))) for k, v in _flatten(meta or {})]
-    weights = {v.strip().lower() for k, v in meta_items if k.split(".")[-1] == "weights"}
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     summary = summary_png(evaluations)
     save("summary.png", summary)
     cbar = _img_tag(colourbar_png(cmap), "colour scale 0 to 1", 160)
-    sections = []
-    for i, (e, stem) in enumerate(zip(evaluations, stems)):
-        curves, hist = curves_png(e), histogram_png(e)
-        save(f"{stem}_curves.png", curves)
-        save(f"{stem}_histogram.png", hist)
-        examples = list(e.examples)
-        if len(examples) > max_examples:
-            keep = select_examples([x.score for x in examples], [x.label for x in examples],
-                                   max_examples)
-            examples = [examples[j] for j in keep]
-        cards, grid = _example_cards(e, examples, thumb_px, cmap, alpha)
-        if grid is not None:
-            save(f"{stem}_examples.png", grid)
-        d = e.decisions()
-        facts = [("test images", f"{d['n_images']} ({d['n_normal']} normal, "
-                                 f"{d['n_anomalous']} anomalous)")]
-        if e.model_version:
-            facts.append(("model", e.model_version))
-        if e.image_size is not None:
-            facts.append(("image size", size_text(e.image_size)))
-        if e.threshold is not None:
-            facts.append(("threshold", fmt_score(e.threshold)))
-            facts.append(("false alarms", f"{d['fp']}/{d['n_normal']}"))
-            facts.append(("misses", f"{d['fn']}/{d['n_anomalous']}"))
-        facts += [(k, storage.redact(_meta_value(v))) for k, v in _flatten(e.info)]
-        facts_html = "".join(f'<span class="fact">{_e(k)}: <b>{_e(v)}</b></span>'
-                             for k, v in facts)
-        metric_facts = "".join(
-            f'<span class="fact">{_e(h)}: <b>{format_metric(k, e.metric(k))}</b></span>'
-            for k, h, _ in METRIC_COLUMNS
-        )
-        fpfn = ("" if e.threshold is None else
-                f" At the threshold {_e(fmt_score(e.threshold))}: {d['fp']} false alarm(s) "
-                f"among {d['n_normal']} normal and {d['fn']} miss(es) among "
-                f"{d['n_anomalous']} anomalous test images.")
-        sections.append(
-            f'<section id="{_anchor(i, e.product)}"><h2>{_e(e.product)}</h2>'
-            f'<div class="facts">{facts_html}</div><div class="facts">{metric_facts}</div>'
-            f'<div class="pair">{_img_tag(curves, f"{e.product} pixel ROC and PRO curves")}'
-            f'{_img_tag(hist, f"{e.product} image score histogram")}</div>'
-            f'<p class="muted">Pixel ROC: all test pixels pooled. PRO: mean per-region overlap '
-            f"up to a pixel FPR of 0.3; AUPRO is the shaded area divided by 0.3. Histogram: "
-            f"image scores of the normal vs the anomalous test images.{fpfn}</p>"
-            f"<h3>Per defect type</h3>{_defect_table(e)}"
-            f'<h3>Examples</h3><p class="cbar">anomaly map 0 '
-            f"{cbar} 1 "
-            f"(fixed scale, not normalised per image; red contour = ground truth)</p>"
-            f"{cards}</section>"
-        )
-
-    warn = ""
-    if "none" in weights:
-        warn = ('<div class="warn"><b>Random backbone weights</b> (weights = none): this run '
-                "is a smoke test; its numbers say nothing about detection quality.</div>")
-    meta_html = "".join(f"<span><b>{_e(k)}</b> {_e(v)}</span>" for k, v in meta_items)
+    sections = [
+        _product_section(i, e, stem, save, cbar, max_examples, thumb_px, cmap, alpha)
+        for i, (e, stem) in enumerate(zip(evaluations, stems))
+    ]
     body = (
-        f"<header><h1>{_e(title)}</h1><div class=\"date\">generated {generated} · "
-        f"{len(evaluations)} product(s)</div><div class=\"meta\">{meta_html}</div></header>"
-        f"<main>{warn}<section><h2>Results</h2>{_results_table(evaluations)}"
-        '<p class="muted">Percentages with one decimal. Image AUROC: image scores vs labels. '
-        "Pixel AUROC and pixel AP: all test pixels pooled. AUPRO@0.3: normalised area under "
-        "the per-region-overlap curve up to a pixel false-positive rate of 0.3 (MVTec AD "
-        "definition). ms/image: inference time per image. Mean: plain mean over the products "
-        "(* = over the products where the metric is defined).</p>"
-        f'<div class="figs">{_img_tag(summary, "metrics per product")}</div></section>'
+        _header(title, generated, len(evaluations), meta_items)
+        + f"<main>{_weights_warning(meta_items)}{_results_section(evaluations, summary)}"
         + "".join(sections) + "</main>"
         f"<footer>prn_ray report · figures also saved as PNG files under figures/ next to this "
         f"file · built in {time.perf_counter() - t0:.1f} s</footer>"

@@ -94,50 +94,17 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
     beside it would take cores from its torch threads, which wait for each other at every
     layer, so one descheduled thread stalls the whole forward pass (measured on 2 cores by
     ``benchmarks/score_throughput.py``)."""
-    sc = cfg.score
     gpus = ray.cluster_resources().get("GPU", 0) if cluster_has_gpu() else 0
     has_model = frame["product"].map(lambda p: models[p].version is not None)
     scored = frame[has_model]
     # Tiled products' images become a varying number of tiles each: the scorer cuts them.
-    upstream = gpus and not any(models[p].geometry.tiled for p in scored["product"].unique())
+    upstream = bool(gpus) and not any(models[p].geometry.tiled
+                                      for p in scored["product"].unique())
     out = []
     if len(scored):
-        if upstream:
-            # decode adds its own error column
-            parts = [decode_stage(frame_dataset(rows[["product", "image_uri"]]
-                                                .reset_index(drop=True), cfg), cfg,
-                                  models[product].geometry, tally)
-                     .map_batches(after_decode, batch_format="numpy",
-                                  num_cpus=cfg.data.task_cpus)
-                     for product, rows in scored.groupby("product", sort=True)]
-            rows_in = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        else:
-            rows_in = frame_dataset(scored[["product", "image_uri"]].reset_index(drop=True),
-                                    cfg)
-        # ceil: on a GPU node the fractional rest of a core is left to decode tasks, which
-        # mostly wait on storage; floor would leave 1.5 reserved CPUs running one thread.
-        threads = max(1, math.ceil(sc.cpus_per_actor))
-        out.append(actor_pool_map(
-            rows_in, Scorer,
-            fn_constructor_kwargs={
-                "models": models, "storage_cfg": cfg.storage, "pidx": pidx,
-                "threads": threads, "use_gpu": gpus > 0,
-                "data_cfg": None if upstream else cfg.data,
-                "on_retries": TallyReporter(tally) if tally is not None else None,
-                "on_scored": on_scored, "batch_size": sc.batch_size,
-                "runtime": sc.runtime, "precision": sc.precision,
-            },
-            # Several calls per actor: the next batch is read and decoded while others are in
-            # the model (the scorer bounds its forward passes itself).
-            compute=ray.data.ActorPoolStrategy(
-                size=sc.actors, enable_true_multi_threading=True,
-                max_concurrent_calls_per_actor=concurrent_calls(model_streams(threads,
-                                                                              gpus > 0))),
-            batch_size=sc.batch_size,
-            batch_format="numpy",
-            num_cpus=sc.cpus_per_actor,
-            num_gpus=min(1.0, gpus / max(1, sc.actors)) if gpus else 0,
-        ))
+        rows_in = (_decoded_upstream(scored, models, cfg, tally) if upstream else
+                   frame_dataset(scored[["product", "image_uri"]].reset_index(drop=True), cfg))
+        out.append(_scorer_pool(rows_in, cfg, models, pidx, gpus, upstream, tally, on_scored))
     missing = frame[~has_model]
     if len(missing):
         out.append(frame_dataset(missing.reset_index(drop=True), cfg).map_batches(
@@ -146,3 +113,43 @@ def build_dataset(cfg: Config, frame: pd.DataFrame, models: dict[str, ResolvedMo
     if not out:
         return None
     return out[0].union(*out[1:]) if len(out) > 1 else out[0]
+
+
+def _decoded_upstream(scored: pd.DataFrame, models: dict[str, ResolvedModel], cfg: Config,
+                      tally):
+    """Images decoded by CPU tasks, per product at its model's geometry (GPU clusters)."""
+    parts = [decode_stage(frame_dataset(rows[["product", "image_uri"]].reset_index(drop=True),
+                                        cfg), cfg, models[product].geometry, tally)
+             .map_batches(after_decode, batch_format="numpy", num_cpus=cfg.data.task_cpus)
+             for product, rows in scored.groupby("product", sort=True)]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _scorer_pool(rows_in, cfg: Config, models: dict[str, ResolvedModel], pidx: dict[str, int],
+                 gpus: float, upstream: bool, tally, on_scored):
+    """The actor pool of :class:`Scorer` over ``rows_in`` (decoded rows when ``upstream``,
+    else image URIs the scorer reads and cuts itself)."""
+    sc = cfg.score
+    # ceil: on a GPU node the fractional rest of a core is left to decode tasks, which
+    # mostly wait on storage; floor would leave 1.5 reserved CPUs running one thread.
+    threads = max(1, math.ceil(sc.cpus_per_actor))
+    return actor_pool_map(
+        rows_in, Scorer,
+        fn_constructor_kwargs={
+            "models": models, "storage_cfg": cfg.storage, "pidx": pidx,
+            "threads": threads, "use_gpu": gpus > 0,
+            "data_cfg": None if upstream else cfg.data,
+            "on_retries": TallyReporter(tally) if tally is not None else None,
+            "on_scored": on_scored, "batch_size": sc.batch_size,
+            "runtime": sc.runtime, "precision": sc.precision,
+        },
+        # Several calls per actor: the next batch is read and decoded while others are in
+        # the model (the scorer bounds its forward passes itself).
+        compute=ray.data.ActorPoolStrategy(
+            size=sc.actors, enable_true_multi_threading=True,
+            max_concurrent_calls_per_actor=concurrent_calls(model_streams(threads, gpus > 0))),
+        batch_size=sc.batch_size,
+        batch_format="numpy",
+        num_cpus=sc.cpus_per_actor,
+        num_gpus=min(1.0, gpus / max(1, sc.actors)) if gpus else 0,
+    )

@@ -9,7 +9,6 @@ the same model version.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from prn_ray import storage
 from prn_ray.config import Config
 from prn_ray.console import detail, format_table, progress
 from prn_ray.contracts import new_id
+from prn_ray.data.ray_data import RunTally, retried_total
 from prn_ray.scoring.commit import (
     carry_over,
     clean_stale_staging,
@@ -48,7 +48,6 @@ from prn_ray.scoring.table import (
     today_utc,
 )
 
-COMMIT_DELAY_ENV = "PRN_SCORE_COMMIT_DELAY_S"
 _STAGING_MIN_FILE_BYTES = 32 * 1024 * 1024  # coalesce small blocks into fewer output files
 
 
@@ -104,164 +103,198 @@ def score(cfg: Config, input_uri: str, *, date: str | None = None,
           say: Callable[[str, str], None] | None = None) -> RunSummary:
     """Score every image under ``input_uri`` for ``date`` (default today, UTC) and commit the
     date's partitions under ``cfg.score.output_uri``. Needs Ray (``runtime.init_ray``)."""
-    from prn_ray.data.ray_data import RunTally, retried_total
-    from prn_ray.runtime import quiet_ray_data
-    from prn_ray.scoring.plan import ScoringProgress, build_dataset
-
-    say = say or progress
     t0 = time.perf_counter()
     retried0 = storage.retried_requests()
-    date = check_date(date or today_utc())
-    run_id = run_id or new_id("score-")
-    scfg, out_uri = cfg.storage, cfg.score.output_uri
-    incremental = bool(cfg.score.incremental)
-    summary = RunSummary(run_id, date, storage.redact(input_uri), storage.redact(out_uri),
-                         incremental=incremental, threshold_override=cfg.score.threshold)
-    wanted = products or cfg.data.products
-    frame = list_inputs(input_uri, scfg, wanted)
-    summary.ignored_inputs = dict(frame.attrs.get("ignored", {}))
-    summary.images = len(frame)
-    names = sorted(frame["product"].unique().tolist())
-    say("score", f"run {run_id} date {date}: {len(frame)} image(s) of {len(names)} product(s) "
-                 f"from {storage.redact(input_uri)}")
+    run = _Run.start(cfg, input_uri, check_date(date or today_utc()),
+                     run_id or new_id("score-"), products or cfg.data.products, say or progress)
+    if cfg.score.incremental and len(run.frame):
+        run.skip_scored()
+    tally = run.stage() if len(run.frame) else None
+    run.commit()
+    run.finish(t0, storage.retried_requests() - retried0 + (
+        retried_total(tally) if tally is not None else 0))
+    return run.summary
 
-    models = resolve_models(cfg, [p for p in names if p != INVALID_PRODUCT])
-    if INVALID_PRODUCT in names:  # never looked up: the name is not a path
-        models[INVALID_PRODUCT] = ResolvedModel(
-            INVALID_PRODUCT, error=f"{BAD_PRODUCT_NAME}: product name(s) not allowed")
-    per: dict[str, ProductSummary] = {}
-    for p in names:
-        m = models[p]
-        per[p] = ProductSummary(p, m.version, m.threshold,
-                                images=int((frame["product"] == p).sum()), error=m.error)
-        if m.version:
-            # Tiles multiply an image's cost: say so where the run's speed is read.
-            (say if m.geometry.tiled else detail)(
-                p, f"model {m.version} ({m.geometry.describe()}, threshold {m.threshold:.4f})")
-        else:
-            say(p, m.error or NO_MODEL)
 
-    # Incremental: images already scored without error by the version resolved now.
-    if incremental and len(frame):
-        previous = read_scores(out_uri, scfg, products=names,
+@dataclass
+class _Run:
+    """One scoring run's state between its steps: the images still to score, the models
+    resolved for them, the per-product and run summaries, and what staging holds."""
+
+    cfg: Config
+    date: str
+    run_id: str
+    say: Callable[[str, str], None]
+    frame: Any  # pd.DataFrame of product, image_uri: what is left to score
+    names: list[str]
+    models: dict[str, ResolvedModel]
+    per: dict[str, ProductSummary]
+    summary: RunSummary
+    staged: dict[str, list[str]] = field(default_factory=dict)
+    stats: Any = None  # pd.DataFrame: one row per staged row (product, image_uri, error, ...)
+    reasons: Counter = field(default_factory=Counter)
+
+    @property
+    def staging(self) -> str:
+        return storage.join(self.cfg.score.output_uri, "_staging", self.date, self.run_id)
+
+    @classmethod
+    def start(cls, cfg: Config, input_uri: str, date: str, run_id: str,
+              wanted: list[str] | None, say: Callable[[str, str], None]) -> _Run:
+        """List the inputs and resolve one model version per product, once, on the driver."""
+        summary = RunSummary(run_id, date, storage.redact(input_uri),
+                             storage.redact(cfg.score.output_uri),
+                             incremental=bool(cfg.score.incremental),
+                             threshold_override=cfg.score.threshold)
+        frame = list_inputs(input_uri, cfg.storage, wanted)
+        summary.ignored_inputs = dict(frame.attrs.get("ignored", {}))
+        summary.images = len(frame)
+        names = sorted(frame["product"].unique().tolist())
+        say("score", f"run {run_id} date {date}: {len(frame)} image(s) of {len(names)} "
+                     f"product(s) from {storage.redact(input_uri)}")
+        models = resolve_models(cfg, [p for p in names if p != INVALID_PRODUCT])
+        if INVALID_PRODUCT in names:  # never looked up: the name is not a path
+            models[INVALID_PRODUCT] = ResolvedModel(
+                INVALID_PRODUCT, error=f"{BAD_PRODUCT_NAME}: product name(s) not allowed")
+        per: dict[str, ProductSummary] = {}
+        for p in names:
+            m = models[p]
+            per[p] = ProductSummary(p, m.version, m.threshold,
+                                    images=int((frame["product"] == p).sum()), error=m.error)
+            if m.version:
+                # Tiles multiply an image's cost: say so where the run's speed is read.
+                (say if m.geometry.tiled else detail)(
+                    p, f"model {m.version} ({m.geometry.describe()}, threshold "
+                       f"{m.threshold:.4f})")
+            else:
+                say(p, m.error or NO_MODEL)
+        return cls(cfg, date, run_id, say, frame, names, models, per, summary)
+
+    def skip_scored(self) -> None:
+        """Incremental: leave out images already scored without error by the version
+        resolved now."""
+        previous = read_scores(self.cfg.score.output_uri, self.cfg.storage, products=self.names,
                                columns=["product", "image_uri", "model_version", "error"])
         ok_prev = previous[previous["error"].isna()]
         done = set(zip(ok_prev["product"], ok_prev["image_uri"], ok_prev["model_version"]))
-        key = [(p, u, models[p].version) for p, u in zip(frame["product"], frame["image_uri"])]
+        frame = self.frame
+        key = [(p, u, self.models[p].version) for p, u in zip(frame["product"],
+                                                              frame["image_uri"])]
         skip = np.array([k in done for k in key], dtype=bool)
         for p, n in Counter(frame["product"][skip]).items():
-            per[p].skipped = int(n)
-        summary.skipped = int(skip.sum())
-        frame = frame[~skip].reset_index(drop=True)
-        say("score", f"incremental: {summary.skipped} image(s) already scored by the same "
-                     f"model version, {len(frame)} to score")
+            self.per[p].skipped = int(n)
+        self.summary.skipped = int(skip.sum())
+        self.frame = frame[~skip].reset_index(drop=True)
+        self.say("score", f"incremental: {self.summary.skipped} image(s) already scored by the "
+                          f"same model version, {len(self.frame)} to score")
 
-    staging = storage.join(out_uri, "_staging", date, run_id)
-    pidx = {p: i for i, p in enumerate(names)}
-    t1 = time.perf_counter()
-    tally = None
-    if len(frame):
+    def stage(self):
+        """Stream the images through the scorer into this run's staging; check that every
+        image has exactly one row there. Returns the run's tally actor (retry counts)."""
+        from prn_ray.runtime import quiet_ray_data
+        from prn_ray.scoring.plan import ScoringProgress, build_dataset
+
+        cfg, scfg, frame = self.cfg, self.cfg.storage, self.frame
+        t1 = time.perf_counter()
         quiet_ray_data()
         tally = RunTally.remote()  # retried requests and rows scored, from every worker
         totals = {p: int(n) for p, n in frame["product"].value_counts().sort_index().items()
-                  if models[p].version}  # products without a model are not scored
-        watch = ScoringProgress(tally, totals, say)
-        ds = build_dataset(cfg, frame, models, pidx, tally, watch.callback())
-        loc = storage.resolve(staging, scfg)
+                  if self.models[p].version}  # products without a model are not scored
+        watch = ScoringProgress(tally, totals, self.say)
+        pidx = {p: i for i, p in enumerate(self.names)}
+        ds = build_dataset(cfg, frame, self.models, pidx, tally, watch.callback())
+        loc = storage.resolve(self.staging, scfg)
         with watch.reporting():
             ds.write_parquet(loc.path, filesystem=loc.fs, partition_cols=[PIDX],
                              min_bytes_per_file=_STAGING_MIN_FILE_BYTES,
                              schema=STAGING_SCHEMA,
                              # explicit: a default 1-CPU write task can starve on a busy cluster
                              ray_remote_args={"num_cpus": cfg.data.task_cpus})
-    summary.pipeline_s = round(time.perf_counter() - t1, 3)
-    staged = staged_by_product(staging, scfg, names) if len(frame) else {}
-    stats = staged_stats([u for fs_ in staged.values() for u in fs_], scfg)
-    # Never commit a run that lost or duplicated rows.
-    if len(stats) != len(frame) or stats.duplicated(["product", "image_uri"]).any():
-        raise ScoringError(f"staged {len(stats)} row(s) for {len(frame)} image(s) to score "
-                           f"(run {run_id}); nothing committed, staging left at "
-                           f"{storage.redact(staging)}")
-    say("score", f"staged {len(stats)} row(s) in {summary.pipeline_s:.1f}s "
-                 f"({len(stats) / max(summary.pipeline_s, 1e-9):.1f} images/s); committing")
+        self.summary.pipeline_s = round(time.perf_counter() - t1, 3)
+        self.staged = staged_by_product(self.staging, scfg, self.names)
+        self.stats = staged_stats([u for fs_ in self.staged.values() for u in fs_], scfg)
+        # Never commit a run that lost or duplicated rows.
+        if len(self.stats) != len(frame) or self.stats.duplicated(["product",
+                                                                    "image_uri"]).any():
+            raise ScoringError(f"staged {len(self.stats)} row(s) for {len(frame)} image(s) to "
+                               f"score (run {self.run_id}); nothing committed, staging left at "
+                               f"{storage.redact(self.staging)}")
+        pipeline_s = self.summary.pipeline_s
+        self.say("score", f"staged {len(self.stats)} row(s) in {pipeline_s:.1f}s "
+                          f"({len(self.stats) / max(pipeline_s, 1e-9):.1f} images/s); "
+                          "committing")
+        return tally
 
-    reasons: Counter = Counter()
-    # Ops/test hook: pause before each partition commit, so a kill can be aimed between
-    # commits (tests/integration/test_scoring.py and test_reliability.py kill or race a real
-    # job there). Unset in production.
-    commit_delay = float(os.environ.get(COMMIT_DELAY_ENV) or 0)
-    # One committer per partition: another run of this date waits here, or gives up (LeaseBusy).
-    try:
-        with hold_partitions(out_uri, scfg, date, names, run_id, ttl_s=cfg.score.lease_s,
-                             wait_s=cfg.score.lease_wait_s, say=say) as leases:
-            _commit_all(cfg, names, stats, per, models, staged, summary, reasons, leases,
-                        date=date, run_id=run_id, commit_delay=commit_delay, say=say)
-    except LeaseBusy:
-        storage.delete_dir(staging, scfg)  # nothing of this run will be committed
-        raise
+    def commit(self) -> None:
+        """Commit each product's partition under the date's leases: one committer per
+        partition; another run of this date waits here, or gives up (LeaseBusy)."""
+        cfg = self.cfg
+        try:
+            with hold_partitions(cfg.score.output_uri, cfg.storage, self.date, self.names,
+                                 self.run_id, ttl_s=cfg.score.lease_s,
+                                 wait_s=cfg.score.lease_wait_s, say=self.say) as leases:
+                for p in self.names:
+                    self.commit_product(p, leases)
+        except LeaseBusy:
+            storage.delete_dir(self.staging, cfg.storage)  # nothing of this run is committed
+            raise
 
-    for p in names:
-        ps = per[p]
-        summary.rows += ps.rows
-        summary.scored += ps.scored
-        summary.errors += ps.errors
-        summary.anomalies += ps.anomalies
-    summary.errors_by_reason = dict(sorted(reasons.items()))
-    summary.products = [per[p] for p in names]
-    if not len(frame) and not summary.skipped:
-        summary.status = "empty"
-    elif any(per[p].error for p in names) or reasons.get(SCORING_FAILED) or \
-            reasons.get(NO_MODEL) or reasons.get(BAD_PRODUCT_NAME):
-        summary.status = "partial"
-    # This run's staging is no longer needed; nor is that of runs of this date that died
-    # long ago (a concurrent run's staging, e.g. other products of the same date, is kept).
-    storage.delete_dir(staging, scfg)
-    clean_stale_staging(out_uri, scfg, date)
-    summary.retried_requests = storage.retried_requests() - retried0 + (
-        retried_total(tally) if tally is not None else 0)
-    summary.wall_s = round(time.perf_counter() - t0, 3)
-    summary.images_per_s = round(summary.rows / summary.wall_s, 2) if summary.wall_s else 0.0
-    summary.summary_uri = storage.join(out_uri, "_runs", date, f"{run_id}.json")
-    storage.write_text(summary.summary_uri, json.dumps(summary.to_dict(), indent=1) + "\n", scfg)
-    summary.summary_uri = storage.redact(summary.summary_uri)
-    return summary
-
-
-def _commit_all(cfg: Config, names: list[str], stats, per: dict[str, ProductSummary],
-                models: dict[str, ResolvedModel], staged: dict[str, list[str]],
-                summary: RunSummary, reasons: Counter, leases, *, date: str, run_id: str,
-                commit_delay: float, say: Callable[[str, str], None]) -> None:
-    """Commit each product's partition (the run holds their leases)."""
-    scfg, out_uri = cfg.storage, cfg.score.output_uri
-    incremental = bool(cfg.score.incremental)
-    for p in names:
-        rows = stats[stats["product"] == p]
-        ps = per[p]
+    def commit_product(self, p: str, leases) -> None:
+        """Count the product's staged rows and commit its partition (the run holds its lease)."""
+        scfg, out_uri = self.cfg.storage, self.cfg.score.output_uri
+        incremental = bool(self.cfg.score.incremental)
+        rows = self.stats[self.stats["product"] == p] if self.stats is not None else []
+        ps = self.per[p]
         ps.rows = len(rows)
+        if not len(rows):
+            return  # incremental: nothing new for this product; its partition is untouched
         ok = rows["error"].isna()
         ps.scored, ps.errors = int(ok.sum()), int((~ok).sum())
         ps.anomalies = int(rows["is_anomaly"].eq(True).sum())
-        reasons.update(r for r in map(error_reason, rows["error"]) if r)
-        if not len(rows):
-            continue  # incremental: nothing new for this product; its partition is untouched
+        self.reasons.update(r for r in map(error_reason, rows["error"]) if r)
         carry = None
         if incremental:
-            carry = carry_over(out_uri, scfg, date, p, set(rows["image_uri"]))
+            carry = carry_over(out_uri, scfg, self.date, p, set(rows["image_uri"]))
             ps.carried = carry.num_rows if carry is not None else 0
-        used = sorted({models[p].version or "", *versions(carry)} - {""})
-        if commit_delay:
-            time.sleep(commit_delay)
+        model = self.models[p]
+        used = sorted({model.version or "", *versions(carry)} - {""})
         leases.check()
         marker = commit_partition(
-            out_uri, scfg, date=date, product=p, staged=staged.get(p, []), run_id=run_id,
-            carry=carry,
-            extra={"model_versions": used, "threshold": models[p].threshold,
-                   "threshold_override": cfg.score.threshold is not None,
+            out_uri, scfg, date=self.date, product=p, staged=self.staged.get(p, []),
+            run_id=self.run_id, carry=carry,
+            extra={"model_versions": used, "threshold": model.threshold,
+                   "threshold_override": self.cfg.score.threshold is not None,
                    "errors": ps.errors, "anomalies": ps.anomalies,
                    "incremental": incremental},
             before_marker=leases.check)
-        summary.partitions.append(partition_uri(out_uri, date, p))
-        detail(p, f"committed {marker['rows']} row(s) to date={date}/product={p}")
+        self.summary.partitions.append(partition_uri(out_uri, self.date, p))
+        detail(p, f"committed {marker['rows']} row(s) to date={self.date}/product={p}")
+
+    def finish(self, t0: float, retried: int) -> None:
+        """Totals and status; staging cleaned; the run's summary written beside the scores."""
+        scfg, out_uri, summary = self.cfg.storage, self.cfg.score.output_uri, self.summary
+        for ps in (self.per[p] for p in self.names):
+            summary.rows += ps.rows
+            summary.scored += ps.scored
+            summary.errors += ps.errors
+            summary.anomalies += ps.anomalies
+        summary.errors_by_reason = dict(sorted(self.reasons.items()))
+        summary.products = [self.per[p] for p in self.names]
+        if not len(self.frame) and not summary.skipped:
+            summary.status = "empty"
+        elif any(self.per[p].error for p in self.names) or any(
+                self.reasons.get(r) for r in (SCORING_FAILED, NO_MODEL, BAD_PRODUCT_NAME)):
+            summary.status = "partial"
+        # This run's staging is no longer needed; nor is that of runs of this date that died
+        # long ago (a concurrent run's staging, e.g. other products of the same date, is kept).
+        storage.delete_dir(self.staging, scfg)
+        clean_stale_staging(out_uri, scfg, self.date)
+        summary.retried_requests = retried
+        summary.wall_s = round(time.perf_counter() - t0, 3)
+        summary.images_per_s = round(summary.rows / summary.wall_s, 2) if summary.wall_s else 0.0
+        uri = storage.join(out_uri, "_runs", self.date, f"{self.run_id}.json")
+        storage.write_text(uri, json.dumps(summary.to_dict(), indent=1) + "\n", scfg)
+        summary.summary_uri = storage.redact(uri)
 
 
 def format_summary(s: RunSummary) -> str:

@@ -1,15 +1,12 @@
-"""Anomaly synthesis for PRN training (the paper's anomaly generation strategies), built for Ray Data ``map_batches``.
+"""Anomaly synthesis for PRN training (the paper's anomaly generation strategies), built for
+Ray Data ``map_batches``.
 
-Two entry points:
-
-* :func:`epoch_plan` — the rows of one training epoch: which rows are normal, raw
-  seen, extended or simulated, which normal image / seen defect each uses, and one int64 seed
-  per row derived from ``(seed, epoch, row)``. Deterministic and shuffled.
-* :class:`Synthesizer` — a small picklable callable, ``batch dict -> batch dict`` (numpy in and
-  out), that synthesises the ``extended`` and ``simulated`` rows of a batch from their seeds and
-  leaves ``normal`` and ``seen`` rows (and every other column) untouched. A row's result depends
-  only on its seed, its input image and the banks given at construction, never on the other rows
-  of the batch, so it is reproducible whatever Ray's batch boundaries are.
+:class:`Synthesizer` is a small picklable callable, ``batch dict -> batch dict`` (numpy in and
+out), that synthesises the ``extended`` and ``simulated`` rows of a batch from their seeds and
+leaves ``normal`` and ``seen`` rows (and every other column) untouched. A row's result depends
+only on its seed, its input image and the banks given at construction, never on the other rows
+of the batch, so it is reproducible whatever Ray's batch boundaries are. Which rows an epoch
+has, and their seeds, is :func:`prn_ray.data.epoch_plan.epoch_plan`.
 
 Example::
 
@@ -23,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,94 +44,12 @@ from prn_ray.synthesis.textures import (
 
 KINDS: tuple[str, ...] = ("normal", "seen", "extended", "simulated")
 _U64 = (1 << 64) - 1
-_PLAN_TAG = 0x504C414E  # "PLAN": separates the shuffle stream from the row seeds
 
 
 def sample_rng(seed: int) -> np.random.Generator:
     """The generator of one sample: ``Generator(PCG64(seed))`` (negative seeds taken mod 2**64)."""
     return np.random.Generator(np.random.PCG64(int(seed) & _U64))
 
-
-def row_seed(seed: int, epoch: int, row: int) -> int:
-    """Non-negative int64 seed of plan row ``row``: ``SeedSequence([seed, epoch, row])``."""
-    state = np.random.SeedSequence([int(seed), int(epoch), int(row)]).generate_state(1, np.uint64)
-    return int(state[0] >> np.uint64(1))  # 63 bits: fits int64, never negative
-
-
-def _share(n: int, share: float) -> int:
-    # floor, so real_share = 0.5 gives exactly the paper's N_n // 2 (209 -> 104, 105 -> 52)
-    return max(0, int(math.floor(n * float(share) + 1e-9)))
-
-
-def _cycled_permutations(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
-    """``count`` indices in [0, n): concatenated random permutations (balanced coverage)."""
-    if count <= 0:
-        return np.zeros(0, dtype=np.int64)
-    reps = -(-count // n)
-    return np.concatenate([rng.permutation(n) for _ in range(reps)])[:count].astype(np.int64)
-
-
-def epoch_plan(
-    n_normal: int, n_seen: int, cfg: SynthesisConfig, epoch: int, seed: int
-) -> dict[str, np.ndarray]:
-    """The shuffled sample plan of one epoch, as numpy columns.
-
-    Counts, for ``N_n = n_normal``: ``floor(N_n * normal_share)`` normals (each normal image once
-    per epoch at share 1, random permutations cycled otherwise); ``slots = floor(N_n * real_share)``
-    real slots, of which the first ``min(slots, n_seen * raw_seen_reuse)`` are raw seen anomalies
-    (seen indices cycled 0, 1, ..., n_seen-1, 0, ...) and the rest extended anomalies (seen
-    defect drawn by cycled random permutations); ``floor(N_n * simulated_share)`` simulated
-    anomalies. With ``n_seen == 0`` (no real anomalies), the real slots become simulated ones so
-    the anomalous share of the epoch is kept.
-
-    Columns: ``row`` (int64, slot before the shuffle), ``kind`` (str), ``normal_index`` (int64,
-    the normal image the row starts from; -1 for raw seen rows), ``source_index`` (int64, the seen
-    anomaly for ``seen`` and ``extended`` rows; -1 otherwise), ``seed`` (int64,
-    :func:`row_seed` of ``(seed, epoch, row)``, unique per row in practice).
-    """
-    if n_normal <= 0:
-        raise ValueError("epoch_plan needs at least one normal image")
-    if n_seen < 0 or epoch < 0 or seed < 0:
-        raise ValueError("epoch_plan: n_seen, epoch and seed must be non-negative")
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, _PLAN_TAG])))
-    n_norm = _share(n_normal, cfg.normal_share)
-    slots = _share(n_normal, cfg.real_share)
-    n_sim = _share(n_normal, cfg.simulated_share)
-    if n_seen == 0:
-        n_raw, n_ext, n_sim = 0, 0, n_sim + slots
-    else:
-        n_raw = min(slots, n_seen * max(0, int(cfg.raw_seen_reuse)))
-        n_ext = slots - n_raw
-    kind = np.array(
-        ["normal"] * n_norm + ["seen"] * n_raw + ["extended"] * n_ext + ["simulated"] * n_sim,
-        dtype="<U9",
-    )
-    normal_index = np.concatenate(
-        [
-            _cycled_permutations(rng, n_normal, n_norm),
-            np.full(n_raw, -1, dtype=np.int64),
-            _cycled_permutations(rng, n_normal, n_ext + n_sim),
-        ]
-    )
-    source_index = np.concatenate(
-        [
-            np.full(n_norm, -1, dtype=np.int64),
-            np.arange(n_raw, dtype=np.int64) % max(n_seen, 1),
-            _cycled_permutations(rng, max(n_seen, 1), n_ext),
-            np.full(n_sim, -1, dtype=np.int64),
-        ]
-    )
-    total = kind.size
-    row = np.arange(total, dtype=np.int64)
-    seeds = np.array([row_seed(seed, epoch, r) for r in range(total)], dtype=np.int64)
-    order = rng.permutation(total)
-    return {
-        "row": row[order],
-        "kind": kind[order],
-        "normal_index": normal_index[order],
-        "source_index": source_index[order],
-        "seed": seeds[order],
-    }
 
 
 class Synthesizer:
@@ -279,13 +193,11 @@ __all__ = [
     "Synthesizer",
     "augment_source",
     "blend",
-    "epoch_plan",
     "estimate_foreground",
     "extended_anomaly",
     "load_texture_bank",
     "perlin_mask",
     "perlin_noise",
-    "row_seed",
     "sample_rng",
     "simulated_anomaly",
     "source_probabilities",

@@ -1,5 +1,5 @@
-"""Extended anomalies (the paper's EA; CPR-style variant): a seen real defect, augmented, pasted onto
-a normal image with E = M̄⊙N + (1−β)(M⊙C) + β(M⊙N), β ~ U(0, extended_beta_max).
+"""Extended anomalies (the paper's EA; CPR-style variant): a seen real defect, augmented, pasted
+onto a normal image with E = M̄⊙N + (1−β)(M⊙C) + β(M⊙N), β ~ U(0, extended_beta_max).
 
 Per sample (draw order): p = ``extended_color_prob``: 3 colour ops (DRAEM list without rotate) on
 the defect image → horizontal / vertical flip (p = 0.5 each) → rotation U(0°, 360°) and scale
@@ -68,37 +68,29 @@ def _affine(cx: float, cy: float, angle: float, scale: float) -> np.ndarray:
     return cv2.getRotationMatrix2D((cx, cy), angle, scale)
 
 
-def extended_anomaly(
-    normal: np.ndarray,
-    defect_image: np.ndarray,
-    defect_mask: np.ndarray,
-    rng: np.random.Generator,
-    beta_max: float = 0.5,
-    color_prob: float = 0.5,
-    foreground: bool = False,
-) -> Synthesised | None:
-    """Paste an augmented seen defect onto ``normal``; ``None`` when the defect mask is empty.
-
-    ``defect_image`` / ``defect_mask`` are resized to the normal image's size when they differ.
-    """
-    h, w = normal.shape[:2]
-    defect_image = resize_to(np.ascontiguousarray(defect_image), h, w)
-    m = resize_to(np.ascontiguousarray((defect_mask > 0).astype(np.uint8)), h, w, nearest=True)
-    if not m.any():
-        return None
-    c = defect_image
+def _augment_defect(
+    c: np.ndarray, m: np.ndarray, rng: np.random.Generator, color_prob: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Colour ops (with probability ``color_prob``), then horizontal and vertical flips."""
     if rng.random() < color_prob:
         c = augment_source(c, rng, n_ops=3, ops=COLOUR_OPS)
     if rng.random() < 0.5:
         c, m = c[:, ::-1], m[:, ::-1]
     if rng.random() < 0.5:
         c, m = c[::-1], m[::-1]
-    c, m = np.ascontiguousarray(c), np.ascontiguousarray(m)
+    return np.ascontiguousarray(c), np.ascontiguousarray(m)
 
+
+_Range = tuple[float, float]  # (low, high)
+_Point = tuple[float, float]  # (x, y)
+
+
+def _fit_in_image(
+    m: np.ndarray, angle: float, scale: float, h: int, w: int
+) -> tuple[_Point, float, _Range, _Range]:
+    """(defect centroid, scale shrunk so the defect fits, x and y ranges for the centroid)."""
     ys, xs = np.nonzero(m)
     cx, cy = float(xs.mean()), float(ys.mean())
-    angle = float(rng.uniform(*ROTATION_RANGE))
-    scale = float(rng.uniform(*SCALE_RANGE))
     pts = np.stack([xs.astype(np.float64), ys.astype(np.float64), np.ones(xs.size)])
 
     def bbox(s: float) -> tuple[float, float, float, float]:
@@ -117,21 +109,39 @@ def extended_anomaly(
         tx_lo = tx_hi = (tx_lo + tx_hi) / 2.0
     if ty_hi < ty_lo:
         ty_lo = ty_hi = (ty_lo + ty_hi) / 2.0
-    target = None
-    if foreground:
-        fg = estimate_foreground(normal)
-        share = float(fg.mean())
-        if FOREGROUND_SHARE[0] <= share <= FOREGROUND_SHARE[1]:
-            fy, fx = np.nonzero(fg)
-            ok = (fx >= tx_lo) & (fx <= tx_hi) & (fy >= ty_lo) & (fy <= ty_hi)
-            if ok.any():
-                i = int(rng.choice(np.flatnonzero(ok)))
-                target = (float(fx[i]), float(fy[i]))
+    return (cx, cy), scale, (tx_lo, tx_hi), (ty_lo, ty_hi)
+
+
+def _foreground_target(
+    normal: np.ndarray, rng: np.random.Generator, tx: _Range, ty: _Range
+) -> _Point | None:
+    """A foreground pixel inside the allowed centroid ranges; ``None`` when the estimate is
+    unusable or no such pixel exists (no random draw then)."""
+    fg = estimate_foreground(normal)
+    share = float(fg.mean())
+    if not FOREGROUND_SHARE[0] <= share <= FOREGROUND_SHARE[1]:
+        return None
+    fy, fx = np.nonzero(fg)
+    ok = (fx >= tx[0]) & (fx <= tx[1]) & (fy >= ty[0]) & (fy <= ty[1])
+    if not ok.any():
+        return None
+    i = int(rng.choice(np.flatnonzero(ok)))
+    return float(fx[i]), float(fy[i])
+
+
+def _target(
+    normal: np.ndarray, rng: np.random.Generator, foreground: bool, tx: _Range, ty: _Range
+) -> _Point:
+    """Where the defect centroid goes: on the foreground when asked and possible, else uniform."""
+    target = _foreground_target(normal, rng, tx, ty) if foreground else None
     if target is None:
-        target = (float(rng.uniform(tx_lo, tx_hi)), float(rng.uniform(ty_lo, ty_hi)))
-    a = _affine(cx, cy, angle, scale)
-    a[0, 2] += target[0] - cx
-    a[1, 2] += target[1] - cy
+        target = (float(rng.uniform(*tx)), float(rng.uniform(*ty)))
+    return target
+
+
+def _warp_defect(c: np.ndarray, m: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Image (bilinear) and mask (nearest) through one affine warp, so they coincide."""
+    h, w = m.shape[:2]
     cw = cv2.warpAffine(c, a, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     mw = cv2.warpAffine(
         m, a, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0
@@ -139,5 +149,35 @@ def extended_anomaly(
     mw = (mw > 0).astype(np.uint8)
     if not mw.any():  # degenerate (a 1-pixel defect lost to rounding): paste it untransformed
         mw, cw = m, c
+    return cw, mw
+
+
+def extended_anomaly(
+    normal: np.ndarray,
+    defect_image: np.ndarray,
+    defect_mask: np.ndarray,
+    rng: np.random.Generator,
+    beta_max: float = 0.5,
+    color_prob: float = 0.5,
+    foreground: bool = False,
+) -> Synthesised | None:
+    """Paste an augmented seen defect onto ``normal``; ``None`` when the defect mask is empty.
+
+    ``defect_image`` / ``defect_mask`` are resized to the normal image's size when they differ.
+    """
+    h, w = normal.shape[:2]
+    defect_image = resize_to(np.ascontiguousarray(defect_image), h, w)
+    m = resize_to(np.ascontiguousarray((defect_mask > 0).astype(np.uint8)), h, w, nearest=True)
+    if not m.any():
+        return None
+    c, m = _augment_defect(defect_image, m, rng, color_prob)
+    angle = float(rng.uniform(*ROTATION_RANGE))
+    scale = float(rng.uniform(*SCALE_RANGE))
+    (cx, cy), scale, tx, ty = _fit_in_image(m, angle, scale, h, w)
+    target = _target(normal, rng, foreground, tx, ty)
+    a = _affine(cx, cy, angle, scale)
+    a[0, 2] += target[0] - cx
+    a[1, 2] += target[1] - cy
+    cw, mw = _warp_defect(c, m, a)
     beta = float(rng.uniform(0.0, beta_max)) if beta_max > 0 else 0.0
     return Synthesised(blend(normal, cw, mw, beta), mw, beta, "extended", normal)

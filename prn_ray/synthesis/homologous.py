@@ -24,6 +24,22 @@ from prn_ray.synthesis.textures import AUGMENTATIONS, augment_source, resize_to
 MILD_OPS = ("gamma", "brightness", "sharpness")
 
 
+def _random_crop(img: np.ndarray, ch: int, cw: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``ch x cw`` window of ``img`` at a random place (a view, not a copy)."""
+    y0 = int(rng.integers(0, img.shape[0] - ch + 1))
+    x0 = int(rng.integers(0, img.shape[1] - cw + 1))
+    return img[y0 : y0 + ch, x0 : x0 + cw]
+
+
+def _random_flips(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Left-right, then up-down, each with p=0.5 (views)."""
+    if rng.random() < 0.5:
+        img = img[:, ::-1]
+    if rng.random() < 0.5:
+        img = img[::-1]
+    return img
+
+
 def _cuts(n: int, parts: int) -> np.ndarray:
     return np.linspace(0, n, parts + 1).round().astype(np.int64)
 
@@ -40,14 +56,8 @@ def patch_tiling(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         ch = int(ys[i + 1] - ys[i])
         for j in range(gx):
             cw = int(xs[j + 1] - xs[j])
-            y0 = int(rng.integers(0, h - ch + 1))
-            x0 = int(rng.integers(0, w - cw + 1))
-            patch = img[y0 : y0 + ch, x0 : x0 + cw]
-            if rng.random() < 0.5:
-                patch = patch[:, ::-1]
-            if rng.random() < 0.5:
-                patch = patch[::-1]
-            out[ys[i] : ys[i + 1], xs[j] : xs[j + 1]] = patch
+            out[ys[i] : ys[i + 1], xs[j] : xs[j + 1]] = _random_flips(
+                _random_crop(img, ch, cw, rng), rng)
     return out
 
 
@@ -56,12 +66,7 @@ def shift_flip(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     h, w = img.shape[:2]
     dy = int(rng.integers(max(1, h // 8), max(2, h - h // 8 + 1)))
     dx = int(rng.integers(max(1, w // 8), max(2, w - w // 8 + 1)))
-    out = np.roll(img, (dy, dx), axis=(0, 1))
-    if rng.random() < 0.5:
-        out = out[:, ::-1]
-    if rng.random() < 0.5:
-        out = out[::-1]
-    return np.ascontiguousarray(out)
+    return np.ascontiguousarray(_random_flips(np.roll(img, (dy, dx), axis=(0, 1)), rng))
 
 
 def zoom_crop(
@@ -71,9 +76,7 @@ def zoom_crop(
     h, w = img.shape[:2]
     ch = max(1, int(round(h * rng.uniform(lo, hi))))
     cw = max(1, int(round(w * rng.uniform(lo, hi))))
-    y0 = int(rng.integers(0, h - ch + 1))
-    x0 = int(rng.integers(0, w - cw + 1))
-    return resize_to(np.ascontiguousarray(img[y0 : y0 + ch, x0 : x0 + cw]), h, w)
+    return resize_to(np.ascontiguousarray(_random_crop(img, ch, cw, rng)), h, w)
 
 
 HOMOLOGOUS_OPS = (patch_tiling, shift_flip, zoom_crop)
@@ -96,13 +99,7 @@ def heterologous_source(
     h, w = image.shape[:2]
     ch = max(1, int(round(h * rng.uniform(0.5, 1.0))))
     cw = max(1, int(round(w * rng.uniform(0.5, 1.0))))
-    y0 = int(rng.integers(0, h - ch + 1))
-    x0 = int(rng.integers(0, w - cw + 1))
-    out = image[y0 : y0 + ch, x0 : x0 + cw]
-    if rng.random() < 0.5:
-        out = out[:, ::-1]
-    if rng.random() < 0.5:
-        out = out[::-1]
+    out = _random_flips(_random_crop(image, ch, cw, rng), rng)
     out = resize_to(np.ascontiguousarray(out), height, width)
     if rng.random() < 0.5:
         out = augment_source(out, rng)

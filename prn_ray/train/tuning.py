@@ -120,7 +120,6 @@ def run_study(cfg: Config, product: str, catalog: pd.DataFrame, others: dict[str
               study_uri: str, samples: int, concurrency: int) -> dict[str, Any]:
     """Tune one product; resumes the study at ``study_uri`` if one is there."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     quiet_ray_data()
     metric = objective(cfg)
@@ -142,22 +141,38 @@ def run_study(cfg: Config, product: str, catalog: pd.DataFrame, others: dict[str
             param_space={"hp": search_space(cfg), "cfg": cfg.to_dict(), "product": product,
                          "catalog": ray.put(catalog), "others": others,
                          "study_uri": study_uri},
-            tune_config=tune.TuneConfig(
-                num_samples=samples,
-                # The first trial is the current configuration: the table shows the gain.
-                # (Tune ignores max_concurrent_trials with a given BasicVariantGenerator.)
-                search_alg=tune.search.BasicVariantGenerator(
-                    points_to_evaluate=[{"hp": default_point(cfg)}], max_concurrent=concurrency),
-                # max_t one past the last report: trials end on their own; ASHA only cuts
-                # (stopping a trial at max_t would kill its trainer before it cleans up).
-                scheduler=ASHAScheduler(metric=metric, mode="max", max_t=reports + 1,
-                                        grace_period=min(cfg.tune.grace_period, reports),
-                                        reduction_factor=cfg.tune.reduction_factor),
-            ),
+            tune_config=_tune_config(cfg, metric, samples, concurrency, reports),
             run_config=tune.RunConfig(name="tuner", storage_path=path, storage_filesystem=fs,
                                       verbose=0),
         )
-    grid = tuner.fit()
+    doc = _study_result(cfg, product, tuner.fit(), metric, samples, reports)
+    storage.write_text(storage.join(study_uri, "best.json"), dumps(doc), cfg.storage)
+    return doc
+
+
+def _tune_config(cfg: Config, metric: str, samples: int, concurrency: int, reports: int):
+    """Samples, the default configuration as the first trial, and ASHA over validations."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    return tune.TuneConfig(
+        num_samples=samples,
+        # The first trial is the current configuration: the table shows the gain.
+        # (Tune ignores max_concurrent_trials with a given BasicVariantGenerator.)
+        search_alg=tune.search.BasicVariantGenerator(
+            points_to_evaluate=[{"hp": default_point(cfg)}], max_concurrent=concurrency),
+        # max_t one past the last report: trials end on their own; ASHA only cuts
+        # (stopping a trial at max_t would kill its trainer before it cleans up).
+        scheduler=ASHAScheduler(metric=metric, mode="max", max_t=reports + 1,
+                                grace_period=min(cfg.tune.grace_period, reports),
+                                reduction_factor=cfg.tune.reduction_factor),
+    )
+
+
+def _study_result(cfg: Config, product: str, grid, metric: str, samples: int,
+                  reports: int) -> dict[str, Any]:
+    """The study's ``best.json``: every trial's best validation value, the winner, the
+    default configuration's value beside it."""
     trials = []
     for res in grid:
         history = res.metrics_dataframe
@@ -176,14 +191,11 @@ def run_study(cfg: Config, product: str, catalog: pd.DataFrame, others: dict[str
     winner = max(ok, key=lambda t: t["best"])
     baseline = decode(default_point(cfg))
     default = next((t["best"] for t in trials if t["overrides"] == baseline), math.nan)
-    doc = {"product": product, "metric": metric, "best_value": winner["best"],
-           "default_value": default, "default_overrides": baseline,
-           "overrides": winner["overrides"], "trials": trials, "samples": samples,
-           "stopped_early": sum(t["reports"] < reports for t in trials),
-           "max_reports": reports}
-    storage.write_text(storage.join(study_uri, "best.json"),
-                       dumps(doc), cfg.storage)
-    return doc
+    return {"product": product, "metric": metric, "best_value": winner["best"],
+            "default_value": default, "default_overrides": baseline,
+            "overrides": winner["overrides"], "trials": trials, "samples": samples,
+            "stopped_early": sum(t["reports"] < reports for t in trials),
+            "max_reports": reports}
 
 
 def tune_all(cfg: Config, products: list[str] | None = None, samples: int | None = None,

@@ -68,15 +68,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     say = (lambda msg: progress(product, msg)) if rank == 0 else (lambda msg: None)
     say_detail = (lambda msg: detail(product, msg)) if rank == 0 else (lambda msg: None)
 
-    head = PRNHead(cfg.model, args.channels, args.geometry.size, args.feature_sizes)
-    head.set_reference(ray.get(args.reference))
-    trainer = HeadTrainer(head, cfg, device, args.data.epoch_rows(cfg), world, say, say_detail)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trainer.restore(d)
-        say(f"resumed from checkpoint after epoch {trainer.state.epoch} "
-            f"(step {trainer.state.step})")
+    trainer = _trainer(args, device, world, say, say_detail)
     # The stream expands epochs lazily and skips those before this point: record it before
     # reading, so a restarted run streams from its restored checkpoint, not from epoch 0.
     start = trainer.state.epoch + 1
@@ -113,6 +105,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batch_size=tc.feature_batch_size, batch_format="numpy", prefetch_batches=2),
         extract, TRAIN_COLUMNS)
     trainer.fit(on_device(merge_batches(plans, cache, stream, tc.batch_size), device), report)
+
+
+def _trainer(args: WorkerArgs, device: torch.device, world: int, say, say_detail) -> HeadTrainer:
+    """The product's head and its trainer, restored from the run's last checkpoint if any."""
+    import ray.train
+
+    cfg = args.cfg
+    head = PRNHead(cfg.model, args.channels, args.geometry.size, args.feature_sizes)
+    head.set_reference(ray.get(args.reference))
+    trainer = HeadTrainer(head, cfg, device, args.data.epoch_rows(cfg), world, say, say_detail)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.restore(d)
+        say(f"resumed from checkpoint after epoch {trainer.state.epoch} "
+            f"(step {trainer.state.step})")
+    return trainer
 
 
 def with_features(batches: Iterable[dict[str, np.ndarray]], extract: FeatureExtractor | None,

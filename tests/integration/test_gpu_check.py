@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from prn_ray.cli import Exit
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 pytestmark = pytest.mark.timeout(600)
@@ -48,5 +50,5 @@ def test_dry_run_measures_every_part(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_without_a_gpu_it_refuses(tmp_path):
     proc = run([], tmp_path, 120)
-    assert proc.returncode == 2
+    assert proc.returncode == Exit.INPUT
     assert "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr

@@ -155,10 +155,12 @@ def _job_args(world, output: str, *extra: str) -> list[str]:
             "--log-level", "debug", *[a for s in sets for a in ("--set", s)]]
 
 
-def _start_job(args: list[str], env_extra: dict[str, str]) -> tuple[subprocess.Popen, list]:
+def _start_job(args: list[str], endpoint: str) -> tuple[subprocess.Popen, list]:
+    """The score job as a process of its own, talking to object storage at ``endpoint``."""
     import ray
 
-    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, **env_extra)
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    args = [*args, "--set", f"storage.endpoint_url={endpoint}"]
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "score.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=str(REPO))
@@ -172,19 +174,9 @@ def _start_job(args: list[str], env_extra: dict[str, str]) -> tuple[subprocess.P
     return proc, lines
 
 
-def test_two_runs_of_one_date_never_interleave_commits(world, clean):
-    """Two real jobs of the same date: A stages, takes the date's leases and pauses 60 s before
-    each partition commit (the commit-delay hook); B, started once A is committing, stages and
-    finds the leases taken: it waits, then commits after A's last commit. Readers polling all
-    along only ever see whole runs, and the end state is one run's complete output."""
-    out = f"{world['bucket']}/twice"
-    args = _job_args(world, out, "score.lease_wait_s=400")
-    a = _start_job(args, {sc_run.COMMIT_DELAY_ENV: "60"})
-    deadline = time.time() + 300
-    while not any("committing" in line for _, line in a[1]):
-        assert a[0].poll() is None and time.time() < deadline, "".join(x for _, x in a[1])
-        time.sleep(0.5)
-    procs = [a, _start_job(args, {sc_run.COMMIT_DELAY_ENV: "1"})]
+def _poll_readers(procs, out: str, world) -> tuple[list[dict], list[str]]:
+    """Read the date's scores as a reader would until every job exits: the committed
+    markers seen at each read, and anything a reader should never see."""
     seen, problems = [], []
     while any(p.poll() is None for p, _ in procs):
         try:
@@ -201,8 +193,30 @@ def test_two_runs_of_one_date_never_interleave_commits(world, clean):
         seen.append(markers)
         time.sleep(0.3)
     time.sleep(0.5)  # the pumps read the last lines
+    return seen, problems
+
+
+def test_two_runs_of_one_date_never_interleave_commits(world, clean):
+    """Two real jobs of the same date: A stages, takes the date's leases and commits through
+    an object store whose copies into the date's partitions take 60 s each (the fault proxy);
+    B, started once A is committing, stages and finds the leases taken: it waits, then
+    commits after A's last commit. Readers polling all along only ever see whole runs, and the
+    end state is one run's complete output."""
+    out = f"{world['bucket']}/twice"
+    args = _job_args(world, out, "score.lease_wait_s=400")
+    slow = FaultProxy(world["endpoint"], slow_copies={f"date={DATE}/product=": 60.0})
+    quick = FaultProxy(world["endpoint"], slow_copies={f"date={DATE}/product=": 1.0})
+    with slow, quick:
+        a = _start_job(args, slow.url)
+        deadline = time.time() + 300
+        while not any("committing" in line for _, line in a[1]):
+            assert a[0].poll() is None and time.time() < deadline, "".join(x for _, x in a[1])
+            time.sleep(0.5)
+        procs = [a, _start_job(args, quick.url)]
+        seen, problems = _poll_readers(procs, out, world)
+    assert slow.counts["slow_copies"] and quick.counts["slow_copies"]
     logs = ["".join(line for _, line in lines) for _, lines in procs]
-    assert [p.returncode for p, _ in procs] == [3, 3], logs  # 3: the bad name (partial)
+    assert [p.returncode for p, _ in procs] == [Exit.PARTIAL] * 2, logs  # the bad name
     assert not problems, problems[:5]
     assert "waiting up to" in logs[1], logs[1][-3000:]  # B really waited for A
     df = _rows(out)

@@ -32,6 +32,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
+from faultproxy import FaultProxy
 from helpers import REPO, bad_files, job_main, new_bucket, ref_aupro
 
 from prn_ray import registry, storage
@@ -136,7 +137,7 @@ def world(s3_endpoint, ray_local):
     versions = {"fabric": _publish(fabric, "fabric"), "wood_panel": _publish(wood, "wood_panel")}
     truth = _warehouse(f"{bucket}/incoming")
     return {"bucket": bucket, "models": models, "versions": versions, "truth": truth,
-            "input": f"{bucket}/incoming", "output": f"{bucket}/scores"}
+            "input": f"{bucket}/incoming", "output": f"{bucket}/scores", "endpoint": s3_endpoint}
 
 
 def score_config(world, *extra: str):
@@ -283,10 +284,10 @@ def test_rerun_same_date_replaces_and_threshold_override(world, first_run, capsy
 # ----------------------------------------------------------------------------- killed job
 
 
-def _start_job(world, *args: str, env_extra: dict[str, str]) -> tuple[subprocess.Popen, list]:
+def _start_job(world, *args: str) -> tuple[subprocess.Popen, list]:
     import ray
 
-    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, **env_extra)
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     cmd = [sys.executable, str(REPO / "jobs" / "score.py"), *_job_args(world, *args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=str(REPO))
@@ -335,16 +336,19 @@ def test_killed_job_never_exposes_half_partitions_and_rerun_heals(world, first_r
     before = _check_partitions_consistent(world)
     assert set(before) == {"fabric", "metal_plate", "wood_panel"}
     # A real job process, killed with SIGKILL after it committed its first partition
-    # (fabric) and while it waits before the next one.
+    # (fabric) and while the object store copies the next one's files (5 s per copy into the
+    # date's partitions, through the fault proxy).
     # A short lease: the dead job's lease must expire before the healing run may commit.
-    proc, lines = _start_job(world, "--threshold", "0.123", "--set", "score.lease_s=10",
-                             "--log-level", "debug",
-                             env_extra={sc_run.COMMIT_DELAY_ENV: "5"})
-    _wait_for(lines, proc, "staged", timeout=300)
-    _wait_for(lines, proc, "[fabric] committed", timeout=60)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    with FaultProxy(world["endpoint"], slow_copies={f"date={DATE}/product=": 5.0}) as proxy:
+        proc, lines = _start_job(world, "--threshold", "0.123", "--set", "score.lease_s=10",
+                                 "--set", f"storage.endpoint_url={proxy.url}",
+                                 "--log-level", "debug")
+        _wait_for(lines, proc, "staged", timeout=300)
+        _wait_for(lines, proc, "[fabric] committed", timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+    assert proxy.counts["slow_copies"] >= 1  # fabric's copy took its 5 s: the next one too
     # Its staging files are still there (nobody cleaned up) ...
     staged = storage.list_files(f"{world['output']}/_staging/{DATE}")
     assert staged, "expected the dead run's staging files"

@@ -14,13 +14,9 @@ import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
 
 from prn_ray.config import StorageConfig
-from prn_ray.model.backbone import (
-    LITE0_PYPI,
-    Backbone,
-    WeightsError,
-    map_lukemelas_to_timm,
-    read_state_dict,
-)
+from prn_ray.errors import WeightsError
+from prn_ray.model.backbone import Backbone
+from prn_ray.model.weights import LITE0_PYPI, map_lukemelas_to_timm, read_state_dict
 
 torch.set_num_threads(1)
 

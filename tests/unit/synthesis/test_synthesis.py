@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from prn_ray.config import SynthesisConfig
+from prn_ray.data.epoch_plan import epoch_plan
 from prn_ray.synthesis import (
     SOURCES,
     Synthesizer,
     blend,
-    epoch_plan,
     estimate_foreground,
     extended_anomaly,
     load_texture_bank,

@@ -304,7 +304,7 @@ def test_memory_search_of_exported_graphs_matches_eager():
 
 
 # ONNX (and TorchScript from pixels to map + score, loaded back and compared on real images):
-# tests/unit/test_export.py.
+# tests/unit/model/test_export.py.
 
 
 def test_forward_is_device_agnostic():
