@@ -213,6 +213,12 @@ class TuneConfig:
     metric: str = "selection"  # selection = train.selection_metric; or any validation metric
     grace_period: int = 1  # ASHA: validations before a trial may be stopped
     reduction_factor: int = 2
+    # A wall-clock budget for the whole study of one product (seconds; tune/search.py
+    # --budget-s): each trial's train.time_budget_s follows from it, and ASHA's rungs are
+    # then in seconds of the trial's clock (prn_ray.study_budget); grace_period is not used.
+    budget_s: float | None = None
+    rungs: int = 2  # with budget_s: ASHA's rungs below a full trial
+    trial_start_s: float = 60.0  # with budget_s: a trial's fixed start before it trains
     search_space: dict[str, Any] = field(
         default_factory=lambda: {
             "model.prototype_ratio": {"uniform": [0.05, 0.3]},

@@ -210,6 +210,7 @@ RULES: dict[str, Rule] = {
     "tune.num_samples": at_least(1), "tune.max_concurrent_trials": at_least(1),
     "tune.metric": metric(("selection",)), "tune.grace_period": at_least(1),
     "tune.reduction_factor": at_least(2), "tune.search_space": search_space,
+    "tune.budget_s": above(0), "tune.rungs": at_least(1), "tune.trial_start_s": at_least(0),
     "tune.output_uri": PATH,
     "score.output_uri": PATH, "score.threshold": lambda v: None if _number(v) else
     "must be a finite number",

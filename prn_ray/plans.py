@@ -16,6 +16,7 @@ from prn_ray.console import format_table
 from prn_ray.contracts import LABELS, SPLITS
 from prn_ray.data.catalog import describe_seen, seen_defect_counts
 from prn_ray.studies import tune_root
+from prn_ray.study_budget import StudyBudget
 
 
 def product_cpus(cfg: Config) -> float:
@@ -125,16 +126,28 @@ def tune_plan(cfg: Config, catalog: pd.DataFrame, products: list[str], samples: 
              f"{samples} trial(s) per product, objective {tc.metric}"
              + (f" (= train.selection_metric {cfg.train.selection_metric})"
                 if tc.metric == "selection" else "")
-             + f", ASHA grace {tc.grace_period} reduction {tc.reduction_factor}, "
-               f"at most {tc.max_concurrent_trials or 'a fair share of'} concurrent trial(s) "
-               "per product",
-             "search space:", *space, budget(cfg), *inputs(cfg, catalog, products),
+             + (f", ASHA grace {tc.grace_period} reduction {tc.reduction_factor}"
+                if tc.budget_s is None else "")
+             + f", at most {tc.max_concurrent_trials or 'a fair share of'} concurrent "
+               "trial(s) per product",
+             "search space:", *space, budget(cfg), *study_lines(cfg, samples),
+             *inputs(cfg, catalog, products),
              "each trial trains one product:",
              *resources(cfg, len(products) * samples),
              (f"results -> {storage.redact(tune_root(cfg, study_id or 'study-<new id>'))}"
              "/<product>/best.json"),
              "nothing was started (--dry-run)"]
     return "\n".join(lines)
+
+
+def study_lines(cfg: Config, samples: int) -> list[str]:
+    """The study budget's split into trial budgets, at the concurrency the plan can know."""
+    concurrency = cfg.tune.max_concurrent_trials or 1
+    budget = StudyBudget.from_config(cfg.tune, samples, concurrency)
+    if budget is None:
+        return []
+    return [f"{budget.describe()}; at {concurrency} concurrent trial(s) per product (more "
+            "concurrency: longer trials)"]
 
 
 def score_plan(cfg: Config, frame: pd.DataFrame, input_uri: str, date: str,

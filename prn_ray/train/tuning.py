@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -37,6 +38,7 @@ from prn_ray.data.product import Budget, ProductData
 from prn_ray.engine.validation import metric_key
 from prn_ray.runtime import quiet_ray_data, quiet_worker_exit
 from prn_ray.studies import tune_root
+from prn_ray.study_budget import StudyBudget
 from prn_ray.train.fleet import max_concurrent_products
 from prn_ray.train.product import storage_filesystem, train_product
 
@@ -122,7 +124,12 @@ def run_study(cfg: Config, product: str, catalog: pd.DataFrame, others: dict[str
     from ray import tune
 
     quiet_ray_data()
+    t0 = time.time()
     metric = objective(cfg)
+    budget = StudyBudget.from_config(cfg.tune, samples, concurrency)
+    if budget is not None:
+        cfg = cfg.replace({"train.time_budget_s": budget.trial_s})
+        progress(product, budget.describe())
     # Validations a full trial reports (the last epoch always validates; a step budget may end
     # the run before train.epochs): what "stopped early" is measured against.
     data = ProductData.from_catalog(catalog, product)
@@ -141,31 +148,43 @@ def run_study(cfg: Config, product: str, catalog: pd.DataFrame, others: dict[str
             param_space={"hp": search_space(cfg), "cfg": cfg.to_dict(), "product": product,
                          "catalog": ray.put(catalog), "others": others,
                          "study_uri": study_uri},
-            tune_config=_tune_config(cfg, metric, samples, concurrency, reports),
+            tune_config=_tune_config(cfg, metric, samples, concurrency, reports, budget),
             run_config=tune.RunConfig(name="tuner", storage_path=path, storage_filesystem=fs,
                                       verbose=0),
         )
     doc = _study_result(cfg, product, tuner.fit(), metric, samples, reports)
+    doc["study_s"] = round(time.time() - t0, 1)
+    if budget is not None:
+        doc["budget"] = {**asdict(budget), "trial_s": round(budget.trial_s, 1),
+                         "grace_s": round(budget.grace_s, 1)}
     storage.write_text(storage.join(study_uri, "best.json"), dumps(doc), cfg.storage)
     return doc
 
 
-def _tune_config(cfg: Config, metric: str, samples: int, concurrency: int, reports: int):
-    """Samples, the default configuration as the first trial, and ASHA over validations."""
+def _tune_config(cfg: Config, metric: str, samples: int, concurrency: int, reports: int,
+                 budget: StudyBudget | None):
+    """Samples, the default configuration as the first trial, and ASHA over validations
+    (over seconds of the trial's clock under a study budget)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    if budget is not None:
+        scheduler = ASHAScheduler(time_attr="time_total_s", metric=metric, mode="max",
+                                  max_t=budget.max_t, grace_period=budget.grace_s,
+                                  reduction_factor=budget.reduction_factor)
+    else:
+        # max_t one past the last report: trials end on their own; ASHA only cuts
+        # (stopping a trial at max_t would kill its trainer before it cleans up).
+        scheduler = ASHAScheduler(metric=metric, mode="max", max_t=reports + 1,
+                                  grace_period=min(cfg.tune.grace_period, reports),
+                                  reduction_factor=cfg.tune.reduction_factor)
     return tune.TuneConfig(
         num_samples=samples,
         # The first trial is the current configuration: the table shows the gain.
         # (Tune ignores max_concurrent_trials with a given BasicVariantGenerator.)
         search_alg=tune.search.BasicVariantGenerator(
             points_to_evaluate=[{"hp": default_point(cfg)}], max_concurrent=concurrency),
-        # max_t one past the last report: trials end on their own; ASHA only cuts
-        # (stopping a trial at max_t would kill its trainer before it cleans up).
-        scheduler=ASHAScheduler(metric=metric, mode="max", max_t=reports + 1,
-                                grace_period=min(cfg.tune.grace_period, reports),
-                                reduction_factor=cfg.tune.reduction_factor),
+        scheduler=scheduler,
     )
 
 
@@ -189,13 +208,15 @@ def _study_result(cfg: Config, product: str, grid, metric: str, samples: int,
     if not ok:
         raise RuntimeError(f"{product}: no trial produced a validation result")
     winner = max(ok, key=lambda t: t["best"])
+    # A time budget leaves the number of validations open: the most that any trial made.
+    full = min(reports, max(t["reports"] for t in trials))
     baseline = decode(default_point(cfg))
     default = next((t["best"] for t in trials if t["overrides"] == baseline), math.nan)
     return {"product": product, "metric": metric, "best_value": winner["best"],
             "default_value": default, "default_overrides": baseline,
             "overrides": winner["overrides"], "trials": trials, "samples": samples,
-            "stopped_early": sum(t["reports"] < reports for t in trials),
-            "max_reports": reports}
+            "stopped_early": sum(t["reports"] < full for t in trials),
+            "max_reports": full}
 
 
 def tune_all(cfg: Config, products: list[str] | None = None, samples: int | None = None,
