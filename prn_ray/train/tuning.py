@@ -152,7 +152,10 @@ def run_study(cfg: Config, product: str, catalog: pd.DataFrame, others: dict[str
             run_config=tune.RunConfig(name="tuner", storage_path=path, storage_filesystem=fs,
                                       verbose=0),
         )
-    doc = _study_result(cfg, product, tuner.fit(), metric, samples, reports)
+    # A time budget leaves a full trial's validations open: _study_result counts the most
+    # that any trial made.
+    doc = _study_result(cfg, product, tuner.fit(), metric, samples,
+                        reports if budget is None else None)
     doc["study_s"] = round(time.time() - t0, 1)
     if budget is not None:
         doc["budget"] = {**asdict(budget), "trial_s": round(budget.trial_s, 1),
@@ -189,7 +192,7 @@ def _tune_config(cfg: Config, metric: str, samples: int, concurrency: int, repor
 
 
 def _study_result(cfg: Config, product: str, grid, metric: str, samples: int,
-                  reports: int) -> dict[str, Any]:
+                  reports: int | None) -> dict[str, Any]:
     """The study's ``best.json``: every trial's best validation value, the winner, the
     default configuration's value beside it."""
     trials = []
@@ -208,8 +211,7 @@ def _study_result(cfg: Config, product: str, grid, metric: str, samples: int,
     if not ok:
         raise RuntimeError(f"{product}: no trial produced a validation result")
     winner = max(ok, key=lambda t: t["best"])
-    # A time budget leaves the number of validations open: the most that any trial made.
-    full = min(reports, max(t["reports"] for t in trials))
+    full = reports if reports is not None else max(t["reports"] for t in trials)
     baseline = decode(default_point(cfg))
     default = next((t["best"] for t in trials if t["overrides"] == baseline), math.nan)
     return {"product": product, "metric": metric, "best_value": winner["best"],
